@@ -1,0 +1,318 @@
+"""Typed run configuration: dataclasses loaded from YAML with dotted overrides.
+
+A config file is a nested mapping whose sections mirror the dataclasses below. Every
+key is checked: an unknown key or a value of the wrong type is a `ConfigError` that
+names the dotted key, never a silent default. Overrides given on the command line
+(`optim.lr=0.01`) are parsed as YAML scalars and win over the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the offending dotted key."""
+
+
+@dataclass
+class DataConfig:
+    """Where the data lives and how it is sampled and augmented."""
+
+    format: Literal["folder", "voc", "cityscapes", "camvid"] = "folder"
+    root: str = ""
+    labeled: str = ""
+    """Split list of labeled samples (UniMatch style, paths relative to `root`)."""
+    unlabeled: str | None = None
+    """Split list of unlabeled images; a second path on a line (a mask) is never used for training."""
+    val: str | None = None
+    """Split list of validation samples; None evaluates the format's standard 'val' subset."""
+    num_classes: int | None = None
+    """Needed for the `folder` format unless `root/classes.txt` exists; fixed by the other formats."""
+    class_names: list[str] | None = None
+    crop_size: int = 321
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    hflip: bool = True
+    batch_size: int = 8
+    """Labeled images per step and per process (the global batch is this times the world size)."""
+    unlabeled_batch_size: int | None = None
+    """Unlabeled images per step and per process; None means equal to batch_size."""
+    workers: int = 2
+    eval_mode: Literal["none", "resize", "sliding"] = "none"
+    eval_size: int | None = None
+    """Shorter side for `resize` evaluation, window size for `sliding` (default: crop_size)."""
+    eval_batch_size: int = 1
+    check: Literal["deep", "shallow"] = "deep"
+    """Up-front validation of labeled and val files: `deep` decodes every mask, `shallow` only opens headers."""
+
+
+@dataclass
+class ModelConfig:
+    name: Literal["deeplabv3plus", "pspnet"] = "deeplabv3plus"
+    backbone: Literal["resnet50", "resnet101", "efficientnet_lite0", "tiny"] = "resnet101"
+    pretrained: str | None = "imagenet"
+    """'imagenet', a torchvision weight name (needs internet), a local file path, or null."""
+    output_stride: Literal[8, 16] = 16
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.001
+    """Backbone learning rate for the global batch this config was written for (see README)."""
+    head_lr_mult: float = 10.0
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    poly_power: float = 0.9
+    nesterov: bool = False
+
+
+@dataclass
+class SchemeConfig:
+    name: Literal["supervised"] = "supervised"
+    ema_decay: float = 0.0
+    """Decay of an EMA copy of the student kept for evaluation (UniMatch/DAW use 0.999); 0 keeps none."""
+    eval_ema: bool = False
+    """Evaluate (and pick the best checkpoint by) the EMA copy instead of the raw student."""
+    aux_weight: float = 0.4
+    """Weight of a model's auxiliary head loss (PSPNet); ignored for models without one."""
+
+
+@dataclass
+class TrainConfig:
+    iterations: int = 1000
+    eval_every: int = 200
+    checkpoint_every: int | None = None
+    """Iterations between `latest.pt` writes; None means eval_every."""
+    log_every: int = 10
+    seed: int = 0
+    device: str = "auto"
+    """'auto' (cuda when available), 'cpu', 'cuda' or 'cuda:N'; under torchrun each process takes its LOCAL_RANK GPU."""
+    amp: Literal["off", "fp16", "bf16"] = "off"
+    deterministic: bool = False
+    threads: int | None = None
+    """torch intra-op threads per process; None leaves torch's default."""
+
+
+@dataclass
+class EvalConfig:
+    tail_classes: list[int] = field(default_factory=list)
+    """Class indices whose mean IoU is reported as tail mIoU (long-tailed datasets)."""
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    scheme: SchemeConfig = field(default_factory=SchemeConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output_dir: str = "runs/default"
+
+    def validate(self) -> None:
+        """Cross-field checks that a single type annotation cannot express."""
+        positive = {
+            "data.crop_size": self.data.crop_size,
+            "data.batch_size": self.data.batch_size,
+            "data.eval_batch_size": self.data.eval_batch_size,
+            "train.iterations": self.train.iterations,
+            "train.eval_every": self.train.eval_every,
+            "train.log_every": self.train.log_every,
+        }
+        if self.data.unlabeled_batch_size is not None:
+            positive["data.unlabeled_batch_size"] = self.data.unlabeled_batch_size
+        if self.train.checkpoint_every is not None:
+            positive["train.checkpoint_every"] = self.train.checkpoint_every
+        for key, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"{key} must be positive, got {value}")
+        low, high = self.data.scale_range
+        if not 0 < low <= high:
+            raise ConfigError(f"data.scale_range must satisfy 0 < min <= max, got {[low, high]}")
+        if self.data.workers < 0:
+            raise ConfigError(f"data.workers must be >= 0, got {self.data.workers}")
+        if not self.data.root:
+            raise ConfigError("data.root is required (the dataset folder)")
+        if not self.data.labeled:
+            raise ConfigError("data.labeled is required (a split list of labeled samples)")
+        if self.data.num_classes is not None and self.data.num_classes < 2:
+            raise ConfigError(f"data.num_classes must be >= 2, got {self.data.num_classes}")
+        if self.optim.lr <= 0:
+            raise ConfigError(f"optim.lr must be positive, got {self.optim.lr}")
+        if not 0 <= self.scheme.ema_decay < 1:
+            raise ConfigError(f"scheme.ema_decay must be in [0, 1), got {self.scheme.ema_decay}")
+        if self.scheme.eval_ema and self.scheme.ema_decay == 0:
+            raise ConfigError("scheme.eval_ema needs scheme.ema_decay > 0")
+        if self.train.amp == "fp16" and not self.train.device.startswith(("cuda", "auto")):
+            raise ConfigError("train.amp=fp16 needs a CUDA device; use bf16 on CPU")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against annotation `tp`, converting only lossless cases (int -> float, list -> tuple)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: expected one of {list(args)}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{key}: expected {len(args)} values, got {list(value)!r}")
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        items = [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping (section), got {value!r}")
+        return _build(tp, value, key)
+    if tp is Any:
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported annotation {_type_name(tp)}")
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            known = ", ".join(sorted(names))
+            raise ConfigError(f"unknown key '{dotted}' (known keys here: {known})")
+        kwargs[key] = _coerce(value, hints[key], dotted)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{dotted}': '{'.'.join(parts[: i + 1])}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """Turn `["optim.lr=0.01", "data.scale_range=[0.5,1.5]"]` into a nested dict (values parsed as YAML)."""
+    tree: dict = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        try:
+            value = yaml.safe_load(text) if text != "" else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override '{item}': value is not valid YAML ({err})") from None
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def config_from_dict(data: dict, overrides: list[str] | None = None) -> Config:
+    """Build and validate a `Config` from a nested mapping plus dotted overrides."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"a config must be a mapping at the top level, got {type(data).__name__}")
+    merged = _merge(data, parse_overrides(overrides or []))
+    cfg = _build(Config, merged)
+    cfg.validate()
+    return cfg
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config file; relative `data.root` is kept as written (relative to the working directory)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    try:
+        return config_from_dict(data, overrides)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """Plain nested dict (tuples as lists) suitable for YAML and checkpoints."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write through a temporary file in the same folder and rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

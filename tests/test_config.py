@@ -1,0 +1,73 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from semiseg.config import ConfigError, config_from_dict, config_to_dict, load_config, parse_overrides
+
+BASE = {"data": {"root": "data", "labeled": "labeled.txt"}}
+
+
+def test_overrides_win_over_file_and_are_typed(tmp_path: Path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({**BASE, "optim": {"lr": 0.5}}))
+    cfg = load_config(path, ["optim.lr=0.01", "data.scale_range=[0.5,1.5]", "model.pretrained=null"])
+    assert cfg.optim.lr == 0.01
+    assert cfg.data.scale_range == (0.5, 1.5)
+    assert cfg.model.pretrained is None
+
+
+def test_int_is_accepted_for_float_but_not_the_reverse():
+    assert config_from_dict({**BASE, "optim": {"lr": 1}}).optim.lr == 1.0
+    with pytest.raises(ConfigError, match="train.iterations: expected an integer"):
+        config_from_dict({**BASE, "train": {"iterations": 10.5}})
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({**BASE, "optim": {"learning_rate": 0.1}}, "unknown key 'optim.learning_rate'"),
+        ({**BASE, "bogus": 1}, "unknown key 'bogus'"),
+        ({**BASE, "data": {**BASE["data"], "crop_size": "big"}}, "data.crop_size: expected an integer"),
+        ({**BASE, "train": {"amp": "fp8"}}, "train.amp: expected one of"),
+        ({**BASE, "data": {**BASE["data"], "hflip": "yes"}}, "data.hflip: expected true or false"),
+        ({**BASE, "data": {**BASE["data"], "scale_range": [2.0, 1.0]}}, "data.scale_range"),
+        ({**BASE, "data": {**BASE["data"], "scale_range": [1.0]}}, "data.scale_range: expected 2 values"),
+        ({**BASE, "model": "deeplab"}, "model: expected a mapping"),
+        ({"data": {"labeled": "x"}}, "data.root is required"),
+        ({**BASE, "train": {"iterations": 0}}, "train.iterations must be positive"),
+    ],
+)
+def test_bad_configs_name_the_key(data, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        config_from_dict(data)
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["optim.lr"])
+    with pytest.raises(ConfigError, match="unknown key 'optim.lrr'"):
+        config_from_dict(BASE, ["optim.lrr=0.1"])
+
+
+def test_missing_file_and_bad_yaml(tmp_path: Path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(bad)
+
+
+def test_round_trip_through_dict():
+    cfg = config_from_dict(BASE, ["eval.tail_classes=[2,6]"])
+    again = config_from_dict(config_to_dict(cfg))
+    assert again == cfg
+
+
+def test_shipped_presets_are_valid():
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    files = sorted(configs.glob("*.yaml"))
+    assert files, "no presets in configs/"
+    for path in files:
+        load_config(path)
