@@ -1,0 +1,171 @@
+"""A map-style dataset of image/mask files, and up-front validation of sample lists."""
+
+import operator
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import tv_tensors
+from tqdm import tqdm
+
+from semiseg.data.formats import IGNORE_INDEX, DataError, DatasetFormat, Sample, file_errors
+
+Transform = Callable[[tv_tensors.Image, tv_tensors.Mask | None], dict[str, torch.Tensor]]
+
+_PROGRESS_MIN_SAMPLES = 200
+_MAX_REPORTED_PROBLEMS = 10
+
+
+def load_image(path: Path) -> Image.Image:
+    """Decode an image file as RGB (PIL image, size W x H)."""
+    with file_errors(path, "image"), Image.open(path) as img:
+        return img.convert("RGB")
+
+
+def _header_size(path: Path, what: str) -> tuple[int, int]:
+    """(W, H) from the file header; verify() also catches corrupt PNG chunks cheaply."""
+    with file_errors(path, what), Image.open(path) as img:
+        size = img.size
+        img.verify()
+    return size
+
+
+def _mask_problem(
+    labels: np.ndarray, image_size: tuple[int, int], sample: Sample, num_classes: int | None
+) -> str | None:
+    """Why labels [H, W] cannot go with an image of size (W, H), or None if they can."""
+    height, width = labels.shape
+    if (width, height) != image_size:
+        return (
+            f"{sample.mask}: mask is {width}x{height} (WxH) but image {sample.image} "
+            f"is {image_size[0]}x{image_size[1]}"
+        )
+    if num_classes is None:
+        return None
+    present = np.flatnonzero(np.bincount(labels.ravel(), minlength=256))
+    bad = [int(v) for v in present if num_classes <= v != IGNORE_INDEX]
+    if bad:
+        return (
+            f"{sample.mask}: label values {bad[:10]} are outside 0..{num_classes - 1} "
+            f"and not the ignore index {IGNORE_INDEX}"
+        )
+    return None
+
+
+class SegmentationDataset(torch.utils.data.Dataset):
+    """Images (and masks) of `samples`, read through `fmt` and passed to `transform`.
+
+    `dataset[i]` draws augmentation from torch's global RNG; `dataset[(i, seed)]` makes
+    it a function of `seed` alone, leaving the caller's RNG state untouched. Items are
+    `transform(image, mask)` (image uint8 [3, H, W], mask int64 [H, W] or None) plus
+    'index' (int) and 'name' (image file stem).
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        fmt: DatasetFormat,
+        transform: Transform,
+        with_mask: bool = True,
+    ) -> None:
+        self.samples = list(samples)
+        self.fmt = fmt
+        self.transform = transform
+        self.with_mask = with_mask
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor | int | str]:
+        index, seed = self._parse_key(key)
+        sample = self.samples[index]
+        pil_image = load_image(sample.image)
+        image = tv_tensors.Image(
+            torch.from_numpy(np.array(pil_image)).permute(2, 0, 1).contiguous()
+        )
+        mask = None
+        if self.with_mask:
+            labels = self._load_labels(sample, pil_image.size)
+            mask = tv_tensors.Mask(torch.from_numpy(labels.astype(np.int64)))
+        out = dict(self._transform(image, mask, seed))
+        out["index"] = index
+        out["name"] = sample.image.stem
+        return out
+
+    def _parse_key(self, key: int | tuple[int, int]) -> tuple[int, int | None]:
+        if isinstance(key, tuple):
+            if len(key) != 2:
+                raise TypeError(f"dataset key must be an index or (index, seed), got {key!r}")
+            index, seed = operator.index(key[0]), operator.index(key[1])
+        else:
+            index, seed = operator.index(key), None
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} samples")
+        return index % len(self), seed
+
+    def _load_labels(self, sample: Sample, image_size: tuple[int, int]) -> np.ndarray:
+        if sample.mask is None:
+            raise DataError(f"{sample.image}: sample has no mask, but this dataset needs masks")
+        labels = self.fmt.load_mask(sample.mask)
+        problem = _mask_problem(labels, image_size, sample, self.fmt.num_classes)
+        if problem:
+            raise DataError(problem)
+        return labels
+
+    def _transform(
+        self, image: tv_tensors.Image, mask: tv_tensors.Mask | None, seed: int | None
+    ) -> dict[str, torch.Tensor]:
+        if seed is None:
+            return self.transform(image, mask)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(image, mask)
+
+
+def _sample_problems(sample: Sample, fmt: DatasetFormat, deep: bool) -> list[str]:
+    try:
+        image_size = _header_size(sample.image, "image")
+        if sample.mask is None:
+            return []
+        if not deep:
+            mask_size = _header_size(sample.mask, "mask")
+            if mask_size == image_size:
+                return []
+            return [
+                f"{sample.mask}: mask is {mask_size[0]}x{mask_size[1]} (WxH) but image "
+                f"{sample.image} is {image_size[0]}x{image_size[1]}"
+            ]
+        problem = _mask_problem(fmt.load_mask(sample.mask), image_size, sample, fmt.num_classes)
+    except DataError as err:
+        return [str(err)]
+    return [problem] if problem else []
+
+
+def check_samples(
+    samples: Sequence[Sample], fmt: DatasetFormat, *, deep: bool, desc: str = ""
+) -> None:
+    """Validate samples before training: files exist, image headers read, mask sizes match.
+
+    With `deep`, masks are decoded too and their values checked against fmt.num_classes.
+    Raises one DataError listing up to 10 problems and counting the rest.
+    """
+    progress = tqdm(
+        samples,
+        desc=desc or "checking samples",
+        leave=False,
+        unit="sample",
+        disable=len(samples) < _PROGRESS_MIN_SAMPLES,
+    )
+    problems: list[str] = []
+    count = 0
+    for sample in progress:
+        found = _sample_problems(sample, fmt, deep)
+        count += len(found)
+        problems.extend(found[: _MAX_REPORTED_PROBLEMS - len(problems)])
+    if count:
+        where = f"{desc}: " if desc else ""
+        lines = "\n".join(f"  - {p}" for p in problems)
+        rest = f"\n  ... and {count - len(problems)} more" if count > len(problems) else ""
+        raise DataError(f"{where}{count} problem(s) in {len(samples)} samples:\n{lines}{rest}")

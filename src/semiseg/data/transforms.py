@@ -1,0 +1,266 @@
+"""Augmentations for segmentation: image and mask transformed together.
+
+All randomness is drawn from torch's global RNG (or an explicit generator for
+`cutmix_box`), so that `SegmentationDataset[(index, seed)]` is reproducible. Images
+travel as `tv_tensors.Image` uint8 [3, H, W] and masks as `tv_tensors.Mask` int64
+[H, W] until `normalize` turns the image into a float tensor.
+"""
+
+import math
+
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+EVAL_MODES = ("none", "resize", "sliding")
+
+ImageAndMask = tuple[tv_tensors.Image, tv_tensors.Mask | None]
+
+
+def _stats(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = torch.tensor(IMAGENET_MEAN, device=like.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=like.device).view(3, 1, 1)
+    return mean, std
+
+
+def normalize(image: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., 3, H, W] -> float32 [..., 3, H, W] with ImageNet mean and std."""
+    if image.dtype != torch.uint8:
+        raise ValueError(f"normalize expects a uint8 image, got {image.dtype}")
+    mean, std = _stats(image)
+    return (image.as_subclass(torch.Tensor).float() / 255 - mean) / std
+
+
+def denormalize(image: torch.Tensor) -> torch.Tensor:
+    """Inverse of `normalize`: float [..., 3, H, W] -> uint8 [..., 3, H, W] (for viewing)."""
+    mean, std = _stats(image)
+    pixels = (image.as_subclass(torch.Tensor) * std + mean) * 255
+    return pixels.round().clamp(0, 255).to(torch.uint8)
+
+
+def _size_pair(size: int | tuple[int, int], name: str) -> tuple[int, int]:
+    pair = (size, size) if isinstance(size, int) else tuple(size)
+    if len(pair) != 2 or not all(isinstance(s, int) and s > 0 for s in pair):
+        raise ValueError(f"{name} must be a positive int or a (height, width) pair, got {size!r}")
+    return pair
+
+
+def _uniform(low: float, high: float, generator: torch.Generator | None = None) -> float:
+    return low + (high - low) * torch.rand((), generator=generator).item()
+
+
+class TrainTransform:
+    """Weak augmentation of UniMatch and most semi-supervised segmentation papers.
+
+    Rescale the whole image by a factor uniform in `scale_range` (image bilinear, mask
+    nearest), pad right and bottom to at least the crop (image 0, mask `ignore_index`),
+    crop at a random position, flip horizontally with probability 0.5.
+    """
+
+    def __init__(
+        self,
+        crop_size: int | tuple[int, int],
+        scale_range: tuple[float, float] = (0.5, 2.0),
+        hflip: bool = True,
+        ignore_index: int = 255,
+    ) -> None:
+        self.crop_size = _size_pair(crop_size, "crop_size")
+        low, high = scale_range
+        if not 0 < low <= high:
+            raise ValueError(f"scale_range must satisfy 0 < min <= max, got {scale_range!r}")
+        self.scale_range = (float(low), float(high))
+        self.hflip = hflip
+        self.ignore_index = ignore_index
+
+    def __call__(
+        self, image: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """image uint8 [3, H, W], mask int64 [H, W] or None ->
+        {'image': float [3, h, w] normalised, 'mask': int64 [h, w]} (no 'mask' if None)."""
+        image, mask = self.geometric(image, mask)
+        out = {"image": normalize(image)}
+        if mask is not None:
+            out["mask"] = mask.as_subclass(torch.Tensor).long()
+        return out
+
+    def geometric(self, image: torch.Tensor, mask: torch.Tensor | None = None) -> ImageAndMask:
+        """The random rescale, pad, crop and flip, without normalising.
+
+        image uint8 [3, H, W], mask [H, W] or None -> uint8 [3, h, w] and mask [h, w],
+        (h, w) = crop_size. Unlabeled pipelines apply photometric ops to this output;
+        passing a zero mask for an unlabeled image yields its padding as `ignore_index`.
+        """
+        if image.dtype != torch.uint8:
+            raise ValueError(f"TrainTransform expects a uint8 image, got {image.dtype}")
+        image = tv_tensors.Image(image)
+        mask = None if mask is None else tv_tensors.Mask(mask)
+        image, mask = self._rescale(image, mask)
+        image, mask = self._pad(image, mask)
+        image, mask = self._crop(image, mask)
+        if self.hflip and torch.rand(()) < 0.5:
+            image = F.horizontal_flip(image)
+            mask = None if mask is None else F.horizontal_flip(mask)
+        return image, mask
+
+    def _rescale(self, image: tv_tensors.Image, mask: tv_tensors.Mask | None) -> ImageAndMask:
+        factor = _uniform(*self.scale_range)
+        height, width = image.shape[-2:]
+        size = [max(1, round(height * factor)), max(1, round(width * factor))]
+        if size == [height, width]:
+            return image, mask
+        image = F.resize(image, size, interpolation=InterpolationMode.BILINEAR, antialias=True)
+        if mask is not None:
+            # nearest-exact samples pixel centres like bilinear does; plain 'nearest'
+            # would shift the mask by up to half a pixel against the image.
+            mask = F.resize(mask, size, interpolation=InterpolationMode.NEAREST_EXACT)
+        return image, mask
+
+    def _pad(self, image: tv_tensors.Image, mask: tv_tensors.Mask | None) -> ImageAndMask:
+        height, width = image.shape[-2:]
+        pad_h = max(self.crop_size[0] - height, 0)
+        pad_w = max(self.crop_size[1] - width, 0)
+        if pad_h == 0 and pad_w == 0:
+            return image, mask
+        padding = [0, 0, pad_w, pad_h]  # left, top, right, bottom
+        image = F.pad(image, padding, fill=0)
+        if mask is not None:
+            mask = F.pad(mask, padding, fill=self.ignore_index)
+        return image, mask
+
+    def _crop(self, image: tv_tensors.Image, mask: tv_tensors.Mask | None) -> ImageAndMask:
+        height, width = image.shape[-2:]
+        crop_h, crop_w = self.crop_size
+        top = int(torch.randint(0, height - crop_h + 1, ()))
+        left = int(torch.randint(0, width - crop_w + 1, ()))
+        image = F.crop(image, top, left, crop_h, crop_w)
+        if mask is not None:
+            mask = F.crop(mask, top, left, crop_h, crop_w)
+        return image, mask
+
+
+def _check_probability(p: float, name: str) -> None:
+    if not 0 <= p <= 1:
+        raise ValueError(f"{name} must be a probability in [0, 1], got {p}")
+
+
+class StrongTransform:
+    """UniMatch's strong photometric augmentation of a uint8 image [3, H, W] (image only).
+
+    Colour jitter (0.5, 0.5, 0.5, 0.25) with p=0.8, grayscale with p=0.2, Gaussian blur
+    with sigma uniform in [0.1, 2.0] with p=0.5. Returns uint8 [3, H, W].
+    """
+
+    def __init__(
+        self,
+        jitter_p: float = 0.8,
+        grayscale_p: float = 0.2,
+        blur_p: float = 0.5,
+        blur_sigma: tuple[float, float] = (0.1, 2.0),
+    ) -> None:
+        for value, name in (
+            (jitter_p, "jitter_p"),
+            (grayscale_p, "grayscale_p"),
+            (blur_p, "blur_p"),
+        ):
+            _check_probability(value, name)
+        if not 0 < blur_sigma[0] <= blur_sigma[1]:
+            raise ValueError(f"blur_sigma must satisfy 0 < min <= max, got {blur_sigma!r}")
+        self.jitter = v2.RandomApply([v2.ColorJitter(0.5, 0.5, 0.5, 0.25)], p=jitter_p)
+        self.grayscale = v2.RandomGrayscale(p=grayscale_p)
+        self.blur_p = blur_p
+        self.blur_sigma = blur_sigma
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        if image.dtype != torch.uint8:
+            raise ValueError(f"StrongTransform expects a uint8 image, got {image.dtype}")
+        image = self.grayscale(self.jitter(image))
+        if torch.rand(()) < self.blur_p:
+            image = _gaussian_blur(image, _uniform(*self.blur_sigma))
+        return image
+
+
+def _gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Blur with a kernel of +-3 sigma, shrunk where the image is too small to reflect-pad."""
+    radius = min(math.ceil(3 * sigma), min(image.shape[-2:]) - 1)
+    if radius < 1:
+        return image
+    return F.gaussian_blur(image, [2 * radius + 1] * 2, [sigma, sigma])
+
+
+def cutmix_box(
+    height: int,
+    width: int,
+    p: float = 0.5,
+    size_min: float = 0.02,
+    size_max: float = 0.4,
+    ratio: tuple[float, float] = (0.3, 1 / 0.3),
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """UniMatch's CutMix region: bool [H, W], True inside the box to paste.
+
+    With probability p, a box whose area is a fraction uniform in [size_min, size_max]
+    of the image and whose height/width ratio is uniform in `ratio`, placed uniformly
+    where it fits entirely; otherwise all False. UniMatch finds the position by
+    rejection sampling; drawing it among the valid positions always terminates, also
+    for images much wider than tall. Draws only from `generator` (global RNG if None).
+    """
+    if height < 1 or width < 1:
+        raise ValueError(f"cutmix_box needs a positive size, got {height}x{width}")
+    _check_probability(p, "p")
+    if not 0 < size_min <= size_max <= 1:
+        raise ValueError(f"need 0 < size_min <= size_max <= 1, got {size_min}, {size_max}")
+    if not 0 < ratio[0] <= ratio[1]:
+        raise ValueError(f"ratio must satisfy 0 < min <= max, got {ratio!r}")
+    box = torch.zeros(height, width, dtype=torch.bool)
+    if _uniform(0, 1, generator) >= p:
+        return box
+    area = _uniform(size_min, size_max, generator) * height * width
+    aspect = _uniform(*ratio, generator)
+    box_h = min(height, max(1, int(math.sqrt(area * aspect))))
+    box_w = min(width, max(1, int(math.sqrt(area / aspect))))
+    top = int(torch.randint(0, height - box_h + 1, (), generator=generator))
+    left = int(torch.randint(0, width - box_w + 1, (), generator=generator))
+    box[top : top + box_h, left : left + box_w] = True
+    return box
+
+
+class EvalTransform:
+    """Validation preprocessing; the mask always stays at its original resolution.
+
+    mode 'none': the full image; 'resize': image resized (bilinear) so that its shorter
+    side is `size` (or to exactly (height, width) if `size` is a pair), and the evaluator
+    upsamples logits to the mask size; 'sliding': the full image, with the evaluator
+    running windows over it (`size` may record the window size for it).
+    """
+
+    def __init__(self, mode: str = "none", size: int | tuple[int, int] | None = None) -> None:
+        if mode not in EVAL_MODES:
+            raise ValueError(f"EvalTransform mode must be one of {EVAL_MODES}, got {mode!r}")
+        if mode == "resize" and size is None:
+            raise ValueError("EvalTransform mode 'resize' needs a size")
+        if mode == "none" and size is not None:
+            raise ValueError("EvalTransform mode 'none' takes no size")
+        if size is not None and not isinstance(size, int):
+            size = _size_pair(size, "size")
+        elif size is not None and size <= 0:
+            raise ValueError(f"size must be positive, got {size}")
+        self.mode = mode
+        self.size = size
+
+    def __call__(
+        self, image: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """image uint8 [3, H, W], mask int64 [H, W] or None ->
+        {'image': float [3, h, w] normalised, 'mask': int64 [H, W]} (no 'mask' if None)."""
+        if self.mode == "resize":
+            size = [self.size] if isinstance(self.size, int) else list(self.size)
+            image = F.resize(image, size, interpolation=InterpolationMode.BILINEAR, antialias=True)
+        out = {"image": normalize(image)}
+        if mask is not None:
+            out["mask"] = mask.as_subclass(torch.Tensor).long()
+        return out
