@@ -1,0 +1,136 @@
+"""The segmentation model every scheme trains, and ``build_model``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from semiseg.models.backbones import Backbone, BackboneFeatures, build_backbone
+from semiseg.models.heads import DeepLabV3PlusHead, PSPNetHead
+from semiseg.models.weights import load_backbone_weights
+
+MODELS = ("deeplabv3plus", "pspnet")
+
+
+@dataclass
+class SegmentationOutput:
+    """What a :class:`SegmentationModel` returns for an input [B, 3, H, W].
+
+    Attributes:
+        logits: [B, C, H, W], bilinearly upsampled (align_corners=False) to the input size.
+        features: [B, D, h, w], the decoder's last feature map before the 1x1 classifier
+            (after ReLU), at decoder resolution (H/4 for DeepLabV3+, H/os for PSPNet).
+        aux: [B, C, H, W] auxiliary logits (PSPNet's stage-3 head, training mode only),
+            otherwise None.
+    """
+
+    logits: Tensor
+    features: Tensor
+    aux: Tensor | None = None
+
+
+class SegmentationModel(nn.Module):
+    """Backbone + decoder head.
+
+    Attributes:
+        backbone: the encoder (parameters at the base learning rate).
+        head: the decoder and classifier(s) (parameters usually at 10x the learning rate).
+        num_classes: C.
+        feature_dim: D, channels of ``SegmentationOutput.features``.
+    """
+
+    def __init__(self, backbone: Backbone, head: nn.Module, num_classes: int):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.num_classes = num_classes
+        self.feature_dim: int = head.feature_dim
+        self.feature_dropout = nn.Dropout2d(0.5)
+
+    def forward(
+        self, x: Tensor, perturb: bool = False
+    ) -> SegmentationOutput | tuple[SegmentationOutput, SegmentationOutput]:
+        """Segment ``x`` [B, 3, H, W].
+
+        With ``perturb=True``, UniMatch's feature perturbation: every encoder feature map is
+        concatenated along the batch with a copy passed through ``Dropout2d(0.5)``, the 2B
+        batch is decoded at once (so BatchNorm sees both halves, as in UniMatch), and the
+        result is split into ``(clean, perturbed)``, each for B images. Dropout is only
+        active in training mode; in eval mode both outputs are equal.
+        """
+        size = x.shape[-2:]
+        feats = self.backbone(x)
+        if not perturb:
+            return self._decode(feats, size)
+        # All three maps are perturbed so that any head sees a consistent 2B batch; the
+        # DeepLabV3+ head reads low and high, PSPNet high (and mid for its auxiliary head).
+        doubled = BackboneFeatures(*(torch.cat([f, self.feature_dropout(f)]) for f in feats))
+        out = self._decode(doubled, size)
+        b = x.shape[0]
+        clean, perturbed = (
+            SegmentationOutput(
+                out.logits[half], out.features[half], None if out.aux is None else out.aux[half]
+            )
+            for half in (slice(0, b), slice(b, None))
+        )
+        return clean, perturbed
+
+    def _decode(self, feats: BackboneFeatures, size: torch.Size) -> SegmentationOutput:
+        head_out = self.head(feats)
+        aux = None if head_out.aux is None else _resize(head_out.aux, size)
+        return SegmentationOutput(_resize(head_out.logits, size), head_out.features, aux)
+
+    def backbone_parameters(self) -> Iterator[nn.Parameter]:
+        """Encoder parameters (base learning rate)."""
+        return self.backbone.parameters()
+
+    def head_parameters(self) -> Iterator[nn.Parameter]:
+        """Decoder and classifier parameters; disjoint from ``backbone_parameters`` and
+        together all parameters of the model."""
+        return self.head.parameters()
+
+
+def _resize(t: Tensor, size: torch.Size) -> Tensor:
+    return F.interpolate(t, size=size, mode="bilinear", align_corners=False)
+
+
+def build_model(
+    name: str,
+    backbone: str,
+    num_classes: int,
+    pretrained: str | None = None,
+    output_stride: int = 16,
+) -> SegmentationModel:
+    """Build a segmentation model.
+
+    Args:
+        name: 'deeplabv3plus' or 'pspnet'.
+        backbone: 'resnet50', 'resnet101', 'efficientnet_lite0' or 'tiny' (a small random
+            CNN for tests and debugging).
+        num_classes: C, the number of classes (without the ignore index).
+        pretrained: backbone weights, see :mod:`semiseg.models.weights` (None: random;
+            'imagenet'; a torchvision weight name; a local file path). The head is always
+            randomly initialised.
+        output_stride: 16 or 8; ASPP rates are (6, 12, 18) at 16 and doubled at 8.
+
+    Raises:
+        ValueError: unknown model or backbone name, output stride not 8/16, num_classes < 1.
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be positive, got {num_classes}")
+    encoder = build_backbone(backbone, output_stride)
+    if pretrained is not None:
+        load_backbone_weights(encoder, pretrained)
+    if name == "deeplabv3plus":
+        rates = tuple(r * 16 // output_stride for r in (6, 12, 18))
+        head = DeepLabV3PlusHead(encoder.low_channels, encoder.high_channels, num_classes, rates)
+    else:
+        head = PSPNetHead(encoder.mid_channels, encoder.high_channels, num_classes)
+    return SegmentationModel(encoder, head, num_classes)
