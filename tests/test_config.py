@@ -3,7 +3,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from semiseg.config import ConfigError, config_from_dict, config_to_dict, load_config, parse_overrides
+from semiseg.config import (
+    ConfigError,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    parse_overrides,
+)
 
 BASE = {"data": {"root": "data", "labeled": "labeled.txt"}}
 

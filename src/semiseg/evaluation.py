@@ -51,7 +51,7 @@ class SegmentationScores:
         out = {"miou": self.miou, "pixel_accuracy": self.pixel_accuracy}
         if self.tail_miou is not None:
             out["tail_miou"] = self.tail_miou
-        out.update({f"iou/{name}": value for name, value in zip(names, self.iou) if value is not None})
+        out.update({f"iou/{name}": value for name, value in zip(names, self.iou, strict=True) if value is not None})
         return out
 
 
@@ -62,7 +62,7 @@ def scores_from_confusion(confusion: Tensor, tail_classes: Sequence[int] = ()) -
     union = confusion.sum(0) + confusion.sum(1) - tp
     defined = union > 0
     iou_t = torch.where(defined, tp / union.clamp(min=1), torch.zeros_like(tp))
-    iou: list[float | None] = [float(v) if d else None for v, d in zip(iou_t, defined)]
+    iou: list[float | None] = [float(v) if d else None for v, d in zip(iou_t, defined, strict=True)]
     miou = float(iou_t[defined].mean()) if defined.any() else 0.0
     total = confusion.sum()
     accuracy = float(tp.sum() / total) if total > 0 else 0.0
@@ -81,7 +81,7 @@ def format_scores(scores: SegmentationScores, class_names: Sequence[str] | None 
     names = list(class_names or [str(i) for i in range(len(scores.iou))])
     width = max(12, max(len(n) for n in names) + 2)
     lines = [f"{'class':<{width}}{'IoU (%)':>9}", "-" * (width + 9)]
-    for name, value in zip(names, scores.iou):
+    for name, value in zip(names, scores.iou, strict=True):
         lines.append(f"{name:<{width}}{'n/a' if value is None else f'{100 * value:.2f}':>9}")
     lines.append("-" * (width + 9))
     lines.append(f"{'mIoU':<{width}}{100 * scores.miou:>9.2f}")

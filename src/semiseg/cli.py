@@ -1,0 +1,145 @@
+"""`semiseg` command line: train, eval, predict, split, quickstart."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from semiseg.config import ConfigError
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from semiseg.config import load_config
+    from semiseg.engine import train
+
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg, restart=args.restart, progress=not args.no_progress)
+    if "final" in result and os.environ.get("RANK", "0") == "0":
+        print(f"best val mIoU {100 * result['best_miou']:.2f} at iteration {result['best_iteration']}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from semiseg.inference import evaluate_checkpoint
+
+    scores, names = evaluate_checkpoint(
+        args.checkpoint,
+        data_root=args.data_root,
+        val_list=args.val,
+        mode=args.mode,
+        size=args.size,
+        device=args.device,
+        tail_classes=args.tail,
+    )
+    from semiseg.evaluation import format_scores
+
+    print(format_scores(scores, names))
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from semiseg.inference import predict_folder
+
+    written = predict_folder(
+        args.checkpoint, args.input, args.output, mode=args.mode, size=args.size, device=args.device
+    )
+    print(f"wrote {written} masks to {args.output}")
+    return 0
+
+
+def _cmd_split(args: argparse.Namespace) -> int:
+    from semiseg.data.formats import get_format
+    from semiseg.data.splits import make_split, parse_fraction, read_split, write_split
+
+    root = Path(args.root)
+    if args.list:
+        samples = read_split(Path(args.list), root, require_mask=True)
+    else:
+        samples = get_format(args.format, args.num_classes).list_samples(root, args.subset)
+    fraction = parse_fraction(args.fraction) if args.fraction else None
+    labeled, unlabeled = make_split(samples, fraction=fraction, count=args.count, seed=args.seed)
+    out = Path(args.out)
+    write_split(out / "labeled.txt", labeled, root)
+    write_split(out / "unlabeled.txt", unlabeled, root)
+    print(f"{len(labeled)} labeled, {len(unlabeled)} unlabeled of {len(samples)} -> {out}")
+    if not args.list and args.val_subset:
+        val = get_format(args.format, args.num_classes).list_samples(root, args.val_subset)
+        write_split(out / "val.txt", val, root)
+        print(f"{len(val)} val samples ('{args.val_subset}') -> {out / 'val.txt'}")
+    return 0
+
+
+def _cmd_quickstart(args: argparse.Namespace) -> int:
+    from semiseg.quickstart import run_quickstart
+
+    run_quickstart(Path(args.out), iterations=args.iterations, restart=args.restart)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="semiseg", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train from a YAML config (resumes from OUTPUT_DIR/latest.pt)")
+    p.add_argument("config", help="YAML config file (see configs/)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.01 train.iterations=500")
+    p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint and train from scratch")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (logs still written)")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint on its validation set; prints per-class IoU")
+    p.add_argument("checkpoint")
+    p.add_argument("--data-root", help="dataset folder (default: the one in the checkpoint's config)")
+    p.add_argument("--val", help="validation split list (default: the checkpoint's)")
+    p.add_argument("--mode", choices=["none", "resize", "sliding"], help="evaluation mode (default: the checkpoint's)")
+    p.add_argument("--size", type=int, help="resize shorter side or sliding window size")
+    p.add_argument("--tail", type=int, nargs="*", help="class indices reported as tail mIoU")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("predict", help="write colour-palette mask PNGs for a folder of images")
+    p.add_argument("checkpoint")
+    p.add_argument("input", help="folder of images (png/jpg/jpeg/bmp)")
+    p.add_argument("output", help="folder for the predicted masks")
+    p.add_argument("--mode", choices=["none", "resize", "sliding"])
+    p.add_argument("--size", type=int)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("split", help="write labeled/unlabeled (and val) split lists, seeded")
+    p.add_argument("--format", default="folder", choices=["folder", "voc", "cityscapes", "camvid"])
+    p.add_argument("--root", required=True, help="dataset folder")
+    p.add_argument("--subset", default="train", help="the format's training subset to split (default: train)")
+    p.add_argument("--list", help="split this list file instead of the format's subset")
+    p.add_argument("--val-subset", default="val", help="also write val.txt from this subset ('' to skip)")
+    p.add_argument("--num-classes", type=int, help="for the folder format without classes.txt")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--fraction", help="labeled fraction: 1/8, 0.125 or 1_8")
+    group.add_argument("--count", type=int, help="number of labeled samples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="folder for labeled.txt / unlabeled.txt / val.txt")
+    p.set_defaults(func=_cmd_split)
+
+    p = sub.add_parser("quickstart", help="make a synthetic dataset, train on it, print the mIoU table")
+    p.add_argument("--out", default="semiseg-quickstart", help="working folder (data and run)")
+    p.add_argument("--iterations", type=int, default=None, help="training iterations (default: the preset's)")
+    p.add_argument("--restart", action="store_true")
+    p.set_defaults(func=_cmd_quickstart)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from semiseg.data.formats import DataError
+
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, FileNotFoundError) as err:
+        print(f"semiseg {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,385 @@
+"""The one training loop shared by every scheme.
+
+Devices and DDP, the optimiser with backbone/head learning rates and the poly schedule,
+AMP, logging (progress bar, JSON lines, TensorBoard), periodic evaluation, atomic
+best/latest checkpoints and exact resume all live here; a scheme only turns batches
+into a loss. Only this module and the CLI touch the file system.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from semiseg.checkpoint import (
+    CHECKPOINT_VERSION,
+    capture_rng,
+    load_checkpoint,
+    restore_rng,
+    save_atomic,
+    seed_everything,
+)
+from semiseg.config import Config, config_to_dict, save_config
+from semiseg.data.dataset import SegmentationDataset, check_samples
+from semiseg.data.formats import DataError, DatasetFormat, Sample, get_format
+from semiseg.data.sampling import ResumableSampler, ShardSampler
+from semiseg.data.splits import read_split
+from semiseg.data.transforms import EvalTransform, TrainTransform
+from semiseg.distributed import DistContext, all_gather_objects, barrier, cleanup, init_distributed
+from semiseg.evaluation import SegmentationScores, evaluate
+from semiseg.files import atomic_write_text
+from semiseg.metrics_log import MetricsLogger
+from semiseg.models import build_model
+from semiseg.schemes import Scheme, get_scheme, unwrap
+
+# Keys that change how a run is executed or reported but not what it computes, so a
+# resumed run may change them.
+RESUMABLE_CHANGES = {
+    "train.eval_every",
+    "train.checkpoint_every",
+    "train.log_every",
+    "train.device",
+    "train.threads",
+    "data.workers",
+    "data.eval_batch_size",
+    "data.check",
+    "output_dir",
+}
+
+
+def resolve_list(path: str, root: Path) -> Path:
+    """A split list path: as given (absolute or relative to the working directory), else under the data root."""
+    candidate = Path(path).expanduser()
+    if candidate.is_absolute() or candidate.exists():
+        return candidate
+    under_root = root / candidate
+    return under_root if under_root.exists() else candidate
+
+
+@dataclass
+class DataBundle:
+    fmt: DatasetFormat
+    num_classes: int
+    class_names: list[str]
+    labeled: list[Sample]
+    unlabeled: list[Sample] | None
+    val: list[Sample]
+
+
+def load_data(cfg: Config, need_unlabeled: bool, verbose: bool = True) -> DataBundle:
+    """Read the split lists and check the files up front, so bad data fails before training starts."""
+    root = Path(cfg.data.root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data.root: dataset folder not found: {root}")
+    fmt = get_format(cfg.data.format, cfg.data.num_classes, cfg.data.class_names, root=root)
+    if fmt.name == "folder" and fmt.num_classes is None:
+        raise DataError(
+            f"data.num_classes is needed for the folder format (or write {root / 'classes.txt'} with one class name a line)"
+        )
+    num_classes = fmt.num_classes
+    if cfg.data.num_classes is not None and cfg.data.num_classes != num_classes:
+        raise DataError(
+            f"data.num_classes={cfg.data.num_classes} but the {fmt.name} format has {num_classes} classes"
+        )
+    class_names = list(fmt.class_names) if fmt.class_names else [str(i) for i in range(num_classes)]
+    labeled = read_split(resolve_list(cfg.data.labeled, root), root, require_mask=True)
+    unlabeled = None
+    if need_unlabeled:
+        if not cfg.data.unlabeled:
+            raise DataError(f"scheme {cfg.scheme.name!r} needs data.unlabeled (a split list of unlabeled images)")
+        unlabeled = read_split(resolve_list(cfg.data.unlabeled, root), root, require_mask=False)
+    if cfg.data.val:
+        val = read_split(resolve_list(cfg.data.val, root), root, require_mask=True)
+    else:
+        val = fmt.list_samples(root, "val")
+    deep = cfg.data.check == "deep"
+    check_samples(labeled, fmt, deep=deep, desc="check labeled")
+    check_samples(val, fmt, deep=deep, desc="check val")
+    if unlabeled is not None:
+        # Unlabeled masks, where they exist, are never read for training: check images only.
+        check_samples([Sample(s.image, None) for s in unlabeled], fmt, deep=False, desc="check unlabeled")
+    return DataBundle(fmt, num_classes, class_names, labeled, unlabeled, val)
+
+
+def poly_factor(iteration: int, total: int, power: float) -> float:
+    return (1.0 - iteration / total) ** power
+
+
+def _config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    keys = sorted(set(old) | set(new))
+    out = []
+    for key in keys:
+        dotted = f"{prefix}{key}"
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _config_differences(a, b, f"{dotted}.")
+        elif a != b:
+            out.append(dotted)
+    return out
+
+
+class Trainer:
+    """Builds everything a run needs from a `Config` and trains it; `run()` returns the final scores."""
+
+    def __init__(self, cfg: Config, *, restart: bool = False, progress: bool = True):
+        self.cfg = cfg
+        self.ctx: DistContext = init_distributed(cfg.train.device)
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        self.progress = progress and self.ctx.is_main
+        self.run_dir = Path(cfg.output_dir)
+        self.scheme_cls = get_scheme(cfg.scheme.name)
+        self.data = load_data(cfg, self.scheme_cls.uses_unlabeled)
+        self.num_classes = self.data.num_classes
+
+        seed_everything(cfg.train.seed)
+        models = {}
+        for k, name in enumerate(self.scheme_cls.model_names):
+            # Distinct seeds give two-student schemes (CPS) differently initialised networks.
+            torch.manual_seed(cfg.train.seed + 1000 * k)
+            models[name] = self._prepare(
+                build_model(
+                    cfg.model.name,
+                    cfg.model.backbone,
+                    self.num_classes,
+                    pretrained=cfg.model.pretrained,
+                    output_stride=cfg.model.output_stride,
+                )
+            )
+        self.scheme: Scheme = self.scheme_cls(cfg, models, self.num_classes)
+        self.optimizer = torch.optim.SGD(
+            self.scheme.parameter_groups(cfg.optim.lr, cfg.optim.head_lr_mult),
+            lr=cfg.optim.lr,
+            momentum=cfg.optim.momentum,
+            weight_decay=cfg.optim.weight_decay,
+            nesterov=cfg.optim.nesterov,
+        )
+        self.autocast_dtype = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.train.amp]
+        self.scaler = torch.amp.GradScaler(self.ctx.device.type, enabled=cfg.train.amp == "fp16")
+        self.iteration = 0
+        self.best = {"miou": -1.0, "iteration": 0}
+        self.last_scores: SegmentationScores | None = None
+        # Training randomness starts from the seed, not from wherever model building left it;
+        # a resume then replaces it with the saved state.
+        seed_everything(cfg.train.seed)
+        latest = self.run_dir / "latest.pt"
+        if latest.exists() and not restart:
+            self._resume(latest)
+
+    def _prepare(self, model: nn.Module) -> nn.Module:
+        model = model.to(self.ctx.device)
+        if self.ctx.distributed:
+            # PyTorch's SyncBatchNorm runs on GPUs only; CPU (gloo) runs keep per-process statistics.
+            if self.ctx.device.type == "cuda":
+                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
+            model = DistributedDataParallel(model, device_ids=ids)
+        return model
+
+    # ----------------------------------------------------------------- data
+    def _train_loader(self, samples: list[Sample], batch_size: int, with_mask: bool, seed: int) -> Iterator:
+        cfg = self.cfg.data
+        transform = TrainTransform(cfg.crop_size, tuple(cfg.scale_range), hflip=cfg.hflip)
+        dataset = SegmentationDataset(samples, self.data.fmt, transform, with_mask=with_mask)
+        sampler = ResumableSampler(
+            len(samples),
+            seed,
+            rank=self.ctx.rank,
+            world=self.ctx.world_size,
+            start=self.iteration * batch_size,
+        )
+        loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            num_workers=cfg.workers,
+            pin_memory=self.ctx.device.type == "cuda",
+            drop_last=True,
+            persistent_workers=cfg.workers > 0,
+        )
+        return iter(loader)
+
+    def _val_loader(self) -> DataLoader:
+        cfg = self.cfg.data
+        size = cfg.eval_size or cfg.crop_size
+        transform = EvalTransform("resize" if cfg.eval_mode == "resize" else "none", size if cfg.eval_mode == "resize" else None)
+        dataset = SegmentationDataset(self.data.val, self.data.fmt, transform, with_mask=True)
+        sampler = ShardSampler(len(dataset), self.ctx.rank, self.ctx.world_size)
+        return DataLoader(dataset, batch_size=cfg.eval_batch_size, sampler=sampler, num_workers=min(cfg.workers, 2))
+
+    # ----------------------------------------------------------- checkpoints
+    def _checkpoint(self, with_optimizer: bool) -> dict:
+        ckpt = {
+            "version": CHECKPOINT_VERSION,
+            "iteration": self.iteration,
+            "config": config_to_dict(self.cfg),
+            "num_classes": self.num_classes,
+            "class_names": self.data.class_names,
+            "models": {name: unwrap(m).state_dict() for name, m in self.scheme.models.items()},
+            "eval_model": self.scheme.eval_model().state_dict(),
+            "best": dict(self.best),
+        }
+        if with_optimizer:
+            ckpt["optimizer"] = self.optimizer.state_dict()
+            ckpt["scaler"] = self.scaler.state_dict()
+            ckpt["scheme"] = self.scheme.state_dict()
+        return ckpt
+
+    def _save_latest(self) -> None:
+        # Every rank's RNG is gathered so a resumed multi-process run continues each stream.
+        rng = all_gather_objects(self.ctx, capture_rng())
+        if self.ctx.is_main:
+            ckpt = self._checkpoint(with_optimizer=True)
+            ckpt["rng"] = rng
+            save_atomic(ckpt, self.run_dir / "latest.pt")
+        barrier(self.ctx)
+
+    def _resume(self, path: Path) -> None:
+        ckpt = load_checkpoint(path, map_location=self.ctx.device)
+        changed = [k for k in _config_differences(ckpt["config"], config_to_dict(self.cfg)) if k not in RESUMABLE_CHANGES]
+        if changed:
+            raise RuntimeError(
+                f"{path} was written by a run with a different config (differs in: {', '.join(changed)}); "
+                "use another output_dir, or pass --restart to train from scratch and overwrite it"
+            )
+        for name, model in self.scheme.models.items():
+            unwrap(model).load_state_dict(ckpt["models"][name])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.scheme.load_state_dict(ckpt["scheme"])
+        self.iteration = ckpt["iteration"]
+        self.best = ckpt["best"]
+        rng = ckpt.get("rng") or []
+        if len(rng) == self.ctx.world_size:
+            restore_rng(rng[self.ctx.rank])
+        else:
+            seed_everything(self.cfg.train.seed + self.iteration)
+        if self.ctx.is_main:
+            tqdm.write(f"resumed from {path} at iteration {self.iteration}")
+
+    # ------------------------------------------------------------- training
+    def _set_lr(self, iteration: int) -> float:
+        factor = poly_factor(iteration, self.cfg.train.iterations, self.cfg.optim.poly_power)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.cfg.optim.lr * group["lr_mult"] * factor
+        return self.cfg.optim.lr * factor
+
+    def evaluate(self) -> SegmentationScores:
+        data = self.cfg.data
+        return evaluate(
+            self.scheme.eval_model(),
+            self._val_loader(),
+            self.num_classes,
+            device=self.ctx.device,
+            mode=data.eval_mode,
+            window=data.eval_size or data.crop_size,
+            tail_classes=self.cfg.eval.tail_classes,
+            progress=self.progress,
+            autocast_dtype=self.autocast_dtype,
+        )
+
+    def _after_eval(self, scores: SegmentationScores, logger: MetricsLogger | None) -> None:
+        self.last_scores = scores
+        improved = scores.miou > self.best["miou"]
+        if improved:
+            self.best = {"miou": scores.miou, "iteration": self.iteration}
+        if logger is None:
+            return
+        logger.log(self.iteration, "val", scores.as_dict(self.data.class_names))
+        if improved:
+            ckpt = self._checkpoint(with_optimizer=False)
+            ckpt["scores"] = scores.as_dict(self.data.class_names)
+            save_atomic(ckpt, self.run_dir / "best.pt")
+        tqdm.write(
+            f"[iter {self.iteration}] val mIoU {100 * scores.miou:.2f} (best {100 * self.best['miou']:.2f} @ {self.best['iteration']})"
+        )
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        total = cfg.train.iterations
+        logger = None
+        if self.ctx.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+            logger = MetricsLogger(self.run_dir, resume_iteration=self.iteration)
+        try:
+            result = self._loop(logger, total)
+        finally:
+            if logger is not None:
+                logger.close()
+            cleanup(self.ctx)
+        return result
+
+    def _loop(self, logger: MetricsLogger | None, total: int) -> dict:
+        cfg = self.cfg
+        labeled_iter = self._train_loader(self.data.labeled, cfg.data.batch_size, True, cfg.train.seed)
+        unlabeled_iter = None
+        if self.data.unlabeled is not None:
+            batch_u = cfg.data.unlabeled_batch_size or cfg.data.batch_size
+            unlabeled_iter = self._train_loader(self.data.unlabeled, batch_u, False, cfg.train.seed + 1)
+        checkpoint_every = cfg.train.checkpoint_every or cfg.train.eval_every
+        device = self.ctx.device
+        self.scheme.train()
+        bar = tqdm(total=total, initial=self.iteration, desc="train", disable=not self.progress, dynamic_ncols=True)
+        window_start, window_steps, sums = time.perf_counter(), 0, {}
+        while self.iteration < total:
+            lr = self._set_lr(self.iteration)
+            labeled = Scheme.to_device(next(labeled_iter), device)
+            unlabeled = Scheme.to_device(next(unlabeled_iter), device) if unlabeled_iter else None
+            with torch.autocast(device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+                out = self.scheme.training_step(labeled, unlabeled, self.iteration)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(out.loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheme.after_optimizer_step(self.iteration)
+            self.iteration += 1
+            bar.update(1)
+            window_steps += 1
+            for key, value in {"loss": out.loss.detach(), **out.logs}.items():
+                sums[key] = sums.get(key, 0.0) + value
+            if self.iteration % cfg.train.log_every == 0 or self.iteration == total:
+                means = {k: float(v) / window_steps for k, v in sums.items()}
+                if not math.isfinite(means["loss"]):
+                    raise FloatingPointError(
+                        f"training loss is {means['loss']} at iteration {self.iteration}; "
+                        "lower optim.lr or check the data (the last checkpoint is intact)"
+                    )
+                means["lr"] = lr
+                means["sec_per_iter"] = (time.perf_counter() - window_start) / window_steps
+                if logger is not None:
+                    logger.log(self.iteration, "train", means)
+                bar.set_postfix(loss=f"{means['loss']:.3f}", lr=f"{lr:.2e}")
+                window_start, window_steps, sums = time.perf_counter(), 0, {}
+            evaluated = False
+            if self.iteration % cfg.train.eval_every == 0 or self.iteration == total:
+                self._after_eval(self.evaluate(), logger)
+                evaluated = True
+            if self.iteration % checkpoint_every == 0 or self.iteration == total:
+                self._save_latest()
+            if evaluated:
+                # Evaluation time is not training time.
+                window_start = time.perf_counter()
+        bar.close()
+        final = {"iteration": self.iteration, "best_miou": self.best["miou"], "best_iteration": self.best["iteration"]}
+        if self.last_scores is not None:
+            final["final"] = self.last_scores.as_dict(self.data.class_names)
+        if self.ctx.is_main:
+            atomic_write_text(self.run_dir / "final.json", json.dumps(final, indent=2) + "\n")
+        return final
+
+
+def train(cfg: Config, *, restart: bool = False, progress: bool = True) -> dict:
+    return Trainer(cfg, restart=restart, progress=progress).run()

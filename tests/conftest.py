@@ -1,0 +1,54 @@
+"""Shared fixtures: a small synthetic dataset and a config for a tiny model that trains in seconds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from semiseg.data.splits import make_split, read_split, write_split
+from semiseg.data.synthetic import make_synthetic_dataset
+
+CAMVID = Path(__file__).resolve().parents[2] / "shared" / "data" / "camvid"
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    # Tests run on 2-core CI machines; oversubscribing threads makes them slower, not faster.
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("synthetic")
+    data = make_synthetic_dataset(root / "data", num_train=32, num_val=8, size=(48, 64), seed=0)
+    samples = read_split(data / "splits" / "train.txt", data, require_mask=True)
+    labeled, unlabeled = make_split(samples, count=16, seed=0)
+    write_split(root / "labeled.txt", labeled, data)
+    write_split(root / "unlabeled.txt", unlabeled, data)
+    return root
+
+
+def tiny_config(root: Path, output_dir: Path, **sections) -> dict:
+    """A config dict for the tiny CNN on the synthetic data; `sections` update single keys."""
+    cfg = {
+        "data": {
+            "format": "folder",
+            "root": str(root / "data"),
+            "labeled": str(root / "labeled.txt"),
+            "unlabeled": str(root / "unlabeled.txt"),
+            "val": str(root / "data" / "splits" / "val.txt"),
+            "crop_size": 32,
+            "scale_range": [0.75, 1.25],
+            "batch_size": 4,
+            "workers": 0,
+        },
+        "model": {"name": "deeplabv3plus", "backbone": "tiny", "pretrained": None},
+        "optim": {"lr": 0.01},
+        "train": {"iterations": 12, "eval_every": 6, "log_every": 2, "seed": 0, "device": "cpu"},
+        "output_dir": str(output_dir),
+    }
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    return cfg

@@ -1,0 +1,128 @@
+"""The training loop on a tiny model: learning, checkpoints, exact resume, bad-data errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from semiseg.checkpoint import load_checkpoint
+from semiseg.config import config_from_dict
+from semiseg.data.formats import DataError
+from semiseg.engine import Trainer, poly_factor, train
+from semiseg.metrics_log import read_metrics
+
+
+def test_poly_schedule():
+    assert poly_factor(0, 100, 0.9) == 1.0
+    assert poly_factor(50, 100, 0.9) == pytest.approx(0.5**0.9)
+
+
+def test_training_loss_falls_and_writes_the_run_folder(synthetic_root, tmp_path):
+    out = tmp_path / "run"
+    cfg = config_from_dict(
+        tiny_config(synthetic_root, out, train={"iterations": 60, "eval_every": 30, "log_every": 10})
+    )
+    result = train(cfg, progress=False)
+    losses = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train"]
+    assert len(losses) == 6
+    assert losses[-1] < 0.7 * losses[0]
+    for name in ("config.yaml", "latest.pt", "best.pt", "final.json", "metrics.jsonl"):
+        assert (out / name).is_file(), name
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    final = json.loads((out / "final.json").read_text())
+    assert final["iteration"] == 60 and 0 < result["best_miou"] <= 1
+    val = [r for r in read_metrics(out / "metrics.jsonl") if r["split"] == "val"]
+    assert [r["iteration"] for r in val] == [30, 60]
+    assert "iou/ground" in val[0]
+
+
+class Killed(Exception):
+    pass
+
+
+def _state(run: Path) -> dict:
+    return load_checkpoint(run / "latest.pt")
+
+
+def test_killed_run_resumes_to_the_same_state(synthetic_root, tmp_path, monkeypatch):
+    overrides = {"train": {"iterations": 12, "eval_every": 6, "checkpoint_every": 4, "log_every": 2}}
+    reference = tmp_path / "reference"
+    train(config_from_dict(tiny_config(synthetic_root, reference, **overrides)), progress=False)
+
+    killed = tmp_path / "killed"
+    cfg = config_from_dict(tiny_config(synthetic_root, killed, **overrides))
+    original_step = Trainer._set_lr
+
+    def dying_set_lr(self, iteration):
+        # Die two iterations after the checkpoint at 8: those steps are lost and redone.
+        if iteration == 10:
+            raise Killed
+        return original_step(self, iteration)
+
+    monkeypatch.setattr(Trainer, "_set_lr", dying_set_lr)
+    with pytest.raises(Killed):
+        train(cfg, progress=False)
+    assert _state(killed)["iteration"] == 8
+    monkeypatch.setattr(Trainer, "_set_lr", original_step)
+    train(cfg, progress=False)
+
+    a, b = _state(reference), _state(killed)
+    assert b["iteration"] == 12
+    for key, tensor in a["models"]["student"].items():
+        assert torch.equal(tensor, b["models"]["student"][key]), key
+    momentum_a = [s["momentum_buffer"] for s in a["optimizer"]["state"].values()]
+    momentum_b = [s["momentum_buffer"] for s in b["optimizer"]["state"].values()]
+    assert all(torch.equal(x, y) for x, y in zip(momentum_a, momentum_b, strict=True))
+    assert a["best"] == b["best"]
+    # The log of the resumed run reads as one run: no duplicated iterations.
+    iterations = [r["iteration"] for r in read_metrics(killed / "metrics.jsonl") if r["split"] == "train"]
+    assert iterations == [2, 4, 6, 8, 10, 12]
+
+
+def test_resume_refuses_a_different_config(synthetic_root, tmp_path):
+    out = tmp_path / "run"
+    train(config_from_dict(tiny_config(synthetic_root, out, train={"iterations": 4, "eval_every": 4})), progress=False)
+    changed = config_from_dict(tiny_config(synthetic_root, out, train={"iterations": 4, "eval_every": 4}, optim={"lr": 0.5}))
+    with pytest.raises(RuntimeError, match="optim.lr"):
+        Trainer(changed, progress=False)
+    Trainer(changed, restart=True, progress=False)
+
+
+def test_ema_evaluation_and_pspnet_aux(synthetic_root, tmp_path):
+    cfg = config_from_dict(
+        tiny_config(
+            synthetic_root,
+            tmp_path / "run",
+            model={"name": "pspnet", "backbone": "tiny", "pretrained": None},
+            scheme={"ema_decay": 0.99, "eval_ema": True},
+            train={"iterations": 4, "eval_every": 4, "log_every": 2},
+        )
+    )
+    train(cfg, progress=False)
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert any("loss_aux" in r for r in records if r["split"] == "train")
+    ckpt = load_checkpoint(tmp_path / "run" / "latest.pt")
+    assert ckpt["scheme"]["ema"] is not None
+
+
+def test_bad_mask_fails_before_training(synthetic_root, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    data = synthetic_root / "data"
+    bad_list = tmp_path / "bad.txt"
+    first = (synthetic_root / "labeled.txt").read_text().splitlines()[0]
+    image_rel, mask_rel = first.split()
+    mask = np.array(Image.open(data / mask_rel))
+    mask[0, 0] = 42
+    broken = tmp_path / "broken_mask.png"
+    Image.fromarray(mask).save(broken)
+    bad_list.write_text(f"{image_rel} {broken}\n")
+    cfg = config_from_dict(tiny_config(synthetic_root, tmp_path / "run", data={"labeled": str(bad_list)}))
+    with pytest.raises(DataError, match="broken_mask.png"):
+        Trainer(cfg, progress=False)
+    assert not (tmp_path / "run" / "latest.pt").exists()
