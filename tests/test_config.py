@@ -77,3 +77,10 @@ def test_shipped_presets_are_valid():
     assert files, "no presets in configs/"
     for path in files:
         load_config(path)
+
+
+def test_quickstart_preset_file_matches_the_built_in_quickstart():
+    from semiseg.quickstart import quickstart_config
+
+    preset = Path(__file__).resolve().parents[1] / "configs" / "supervised_deeplabv3plus-effl0_synthetic-1_8_quickstart.yaml"
+    assert load_config(preset) == config_from_dict(quickstart_config(Path("semiseg-quickstart")))

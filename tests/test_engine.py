@@ -126,3 +126,11 @@ def test_bad_mask_fails_before_training(synthetic_root, tmp_path):
     with pytest.raises(DataError, match="broken_mask.png"):
         Trainer(cfg, progress=False)
     assert not (tmp_path / "run" / "latest.pt").exists()
+
+
+def test_bf16_autocast_trains_on_cpu(synthetic_root, tmp_path):
+    cfg = config_from_dict(
+        tiny_config(synthetic_root, tmp_path / "run", train={"iterations": 2, "eval_every": 2, "amp": "bf16"})
+    )
+    result = train(cfg, progress=False)
+    assert result["iteration"] == 2 and 0 <= result["best_miou"] <= 1

@@ -52,6 +52,7 @@ class DataConfig:
     eval_size: int | None = None
     """Shorter side for `resize` evaluation, window size for `sliding` (default: crop_size)."""
     eval_batch_size: int = 1
+    """Validation images per forward pass; above 1 only when all validation images share one size."""
     check: Literal["deep", "shallow"] = "deep"
     """Up-front validation of labeled and val files: `deep` decodes every mask, `shallow` only opens headers."""
 

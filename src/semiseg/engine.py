@@ -314,6 +314,13 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
             logger = MetricsLogger(self.run_dir, resume_iteration=self.iteration)
+            params = sum(p.numel() for m in self.scheme.models.values() for p in m.parameters())
+            unlabeled = len(self.data.unlabeled) if self.data.unlabeled is not None else 0
+            tqdm.write(
+                f"{cfg.scheme.name}: {cfg.model.name}/{cfg.model.backbone} ({params / 1e6:.1f}M parameters) "
+                f"on {self.ctx.device} x{self.ctx.world_size}; {len(self.data.labeled)} labeled, "
+                f"{unlabeled} unlabeled, {len(self.data.val)} val samples; run folder {self.run_dir}"
+            )
         try:
             result = self._loop(logger, total)
         finally:
