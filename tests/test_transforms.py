@@ -221,3 +221,24 @@ def test_eval_transform_modes():
         EvalTransform("crop")
     with pytest.raises(ValueError, match="size"):
         EvalTransform("resize")
+
+
+def test_unlabeled_views_share_the_weak_crop_and_mark_padding():
+    from semiseg.data.transforms import UnlabeledTransform
+
+    image = torch.randint(0, 256, (3, 20, 30), dtype=torch.uint8)
+    weak = TrainTransform(32, scale_range=(1.0, 1.0), hflip=False)
+    views = UnlabeledTransform(weak, cutmix_p=1.0)(image)
+    assert set(views) == {"image", "strong1", "strong2", "box1", "box2", "valid"}
+    assert views["image"].shape == views["strong1"].shape == (3, 32, 32)
+    # The 20x30 image padded right and bottom to 32x32: exactly its own pixels are valid.
+    assert int(views["valid"].sum()) == 20 * 30
+    assert bool(views["valid"][:20, :30].all())
+    assert bool(views["box1"].any()) and bool(views["box2"].any())
+    mask = torch.randint(0, 5, (20, 30))
+    mask[0, :5] = 255
+    views = UnlabeledTransform(weak)(image, mask)
+    assert torch.equal(views["oracle_mask"][:20, :30], mask)
+    assert bool((views["oracle_mask"][20:] == 255).all())
+    # Void pixels of the oracle mask must not leak into `valid` (only padding does).
+    assert int(views["valid"].sum()) == 20 * 30

@@ -79,13 +79,41 @@ class OptimConfig:
 
 @dataclass
 class SchemeConfig:
-    name: Literal["supervised"] = "supervised"
+    name: Literal["supervised", "fixmatch", "unimatch", "mean_teacher", "cps"] = "supervised"
     ema_decay: float = 0.0
     """Decay of an EMA copy of the student kept for evaluation (UniMatch/DAW use 0.999); 0 keeps none."""
     eval_ema: bool = False
     """Evaluate (and pick the best checkpoint by) the EMA copy instead of the raw student."""
     aux_weight: float = 0.4
     """Weight of a model's auxiliary head loss (PSPNet); ignored for models without one."""
+    unsup_weight: float = 1.0
+    """Weight of the unlabeled loss (mean teacher, CPS); FixMatch and UniMatch use their papers' fixed weights."""
+    teacher_decay: float = 0.99
+    """EMA decay of the mean teacher."""
+    cutmix_p: float = 0.5
+    """Probability that a strong view gets a CutMix box from the mix-source batch."""
+    oracle_eval: bool = False
+    """Research diagnostics: read the unlabeled images' masks (if every line has one) to log
+    pseudo-label accuracy of used and discarded pixels. They never enter a loss."""
+
+
+@dataclass
+class PolicyConfig:
+    """Which unlabeled pixels teach the student, with what weight (semiseg.pseudo)."""
+
+    name: Literal["pseudo_label", "threshold", "ael", "daw"] = "threshold"
+    threshold: float = 0.95
+    """Confidence threshold of the `threshold` policy (FixMatch/UniMatch: 0.95)."""
+    power: float = 2.0
+    """Exponent of the `ael` power weight conf ** power."""
+    momentum: float = 0.99
+    """EMA momentum of DAW's statistics (Eq. 6)."""
+    align: bool = True
+    """DAW distribution alignment (Eq. 12-13)."""
+    weighting: bool = True
+    """DAW's optimal step threshold t* (Eq. 11); off leaves alignment alone (Table 4)."""
+    variant: Literal["paper", "official"] = "paper"
+    """Follow the paper's equations or reproduce the released code (see METHODS)."""
 
 
 @dataclass
@@ -116,6 +144,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     scheme: SchemeConfig = field(default_factory=SchemeConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = "runs/default"
@@ -154,6 +183,14 @@ class Config:
             raise ConfigError(f"scheme.ema_decay must be in [0, 1), got {self.scheme.ema_decay}")
         if self.scheme.eval_ema and self.scheme.ema_decay == 0:
             raise ConfigError("scheme.eval_ema needs scheme.ema_decay > 0")
+        if not 0 <= self.policy.threshold <= 1:
+            raise ConfigError(f"policy.threshold must be in [0, 1], got {self.policy.threshold}")
+        if not 0 <= self.policy.momentum < 1:
+            raise ConfigError(f"policy.momentum must be in [0, 1), got {self.policy.momentum}")
+        if not 0 <= self.scheme.cutmix_p <= 1:
+            raise ConfigError(f"scheme.cutmix_p must be in [0, 1], got {self.scheme.cutmix_p}")
+        if not 0 <= self.scheme.teacher_decay < 1:
+            raise ConfigError(f"scheme.teacher_decay must be in [0, 1), got {self.scheme.teacher_decay}")
         if self.train.amp == "fp16" and not self.train.device.startswith(("cuda", "auto")):
             raise ConfigError("train.amp=fp16 needs a CUDA device; use bf16 on CPU")
 
@@ -191,10 +228,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         item = args[0] if args else Any
         items = [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        key_type, value_type = args or (Any, Any)
+        return {
+            _coerce(k, key_type, f"{key} key"): _coerce(v, value_type, f"{key}.{k}") for k, v in value.items()
+        }
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping (section), got {value!r}")
-        return _build(tp, value, key)
+        return build_dataclass(tp, value, key)
     if tp is Any:
         return value
     if tp is float:
@@ -216,7 +260,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported annotation {_type_name(tp)}")
 
 
-def _build(cls: type, data: dict, prefix: str = "") -> Any:
+def build_dataclass(cls: type, data: dict, prefix: str = "") -> Any:
+    """Instantiate dataclass `cls` from a mapping, checking every key and type (errors name `prefix.key`)."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
@@ -270,7 +315,7 @@ def config_from_dict(data: dict, overrides: list[str] | None = None) -> Config:
     if not isinstance(data, dict):
         raise ConfigError(f"a config must be a mapping at the top level, got {type(data).__name__}")
     merged = _merge(data, parse_overrides(overrides or []))
-    cfg = _build(Config, merged)
+    cfg = build_dataclass(Config, merged)
     cfg.validate()
     return cfg
 

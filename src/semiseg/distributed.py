@@ -56,6 +56,13 @@ def init_distributed(device_name: str = "auto") -> DistContext:
     return DistContext(rank, world, local_rank, device)
 
 
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over processes (a new tensor); what stateful policies apply to their statistics."""
+    out = tensor.clone()
+    dist.all_reduce(out)
+    return out
+
+
 def barrier(ctx: DistContext) -> None:
     if ctx.distributed:
         dist.barrier()

@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -34,12 +34,20 @@ from semiseg.data.dataset import SegmentationDataset, check_samples
 from semiseg.data.formats import DataError, DatasetFormat, Sample, get_format
 from semiseg.data.sampling import ResumableSampler, ShardSampler
 from semiseg.data.splits import read_split
-from semiseg.data.transforms import EvalTransform, TrainTransform
-from semiseg.distributed import DistContext, all_gather_objects, barrier, cleanup, init_distributed
+from semiseg.data.transforms import EvalTransform, TrainTransform, UnlabeledTransform
+from semiseg.distributed import (
+    DistContext,
+    all_gather_objects,
+    all_reduce_sum,
+    barrier,
+    cleanup,
+    init_distributed,
+)
 from semiseg.evaluation import SegmentationScores, evaluate
 from semiseg.files import atomic_write_text
 from semiseg.metrics_log import MetricsLogger
 from semiseg.models import build_model
+from semiseg.pseudo import Policy, build_policy
 from semiseg.schemes import Scheme, get_scheme, unwrap
 
 # Keys that change how a run is executed or reported but not what it computes, so a
@@ -105,10 +113,53 @@ def load_data(cfg: Config, need_unlabeled: bool, verbose: bool = True) -> DataBu
     deep = cfg.data.check == "deep"
     check_samples(labeled, fmt, deep=deep, desc="check labeled")
     check_samples(val, fmt, deep=deep, desc="check val")
-    if unlabeled is not None:
+    if unlabeled is not None and cfg.scheme.oracle_eval:
+        missing = [s.image for s in unlabeled if s.mask is None]
+        if missing:
+            raise DataError(
+                f"scheme.oracle_eval needs a mask on every line of {cfg.data.unlabeled}; "
+                f"{len(missing)} have none (first: {missing[0]})"
+            )
+        check_samples(unlabeled, fmt, deep=False, desc="check unlabeled")
+    elif unlabeled is not None:
         # Unlabeled masks, where they exist, are never read for training: check images only.
         check_samples([Sample(s.image, None) for s in unlabeled], fmt, deep=False, desc="check unlabeled")
     return DataBundle(fmt, num_classes, class_names, labeled, unlabeled, val)
+
+
+class WindowMeans:
+    """Per-key means of step logs over a logging window; a float NaN ("not measured this
+    step", e.g. no discarded pixels to score) is left out of its key's mean."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.sums: dict[str, Tensor | float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, values: dict[str, Tensor | float]) -> None:
+        self.steps += 1
+        for key, value in values.items():
+            if isinstance(value, float) and math.isnan(value):
+                continue
+            self.sums[key] = self.sums.get(key, 0.0) + value
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+    def means(self) -> dict[str, float]:
+        return {key: float(total) / self.counts[key] for key, total in self.sums.items()}
+
+
+# The PolicyConfig fields each policy takes; the rest of the section does not apply to it.
+POLICY_OPTIONS = {
+    "pseudo_label": (),
+    "threshold": ("threshold",),
+    "ael": ("power",),
+    "daw": ("momentum", "align", "weighting", "variant"),
+}
+
+
+def build_policy_from_config(cfg: Config, num_classes: int, reduce: Callable | None) -> Policy:
+    options = {key: getattr(cfg.policy, key) for key in POLICY_OPTIONS[cfg.policy.name]}
+    return build_policy(cfg.policy.name, num_classes, reduce=reduce, **options)
 
 
 def poly_factor(iteration: int, total: int, power: float) -> float:
@@ -158,7 +209,10 @@ class Trainer:
                     output_stride=cfg.model.output_stride,
                 )
             )
-        self.scheme: Scheme = self.scheme_cls(cfg, models, self.num_classes)
+        policy = None
+        if self.scheme_cls.uses_unlabeled:
+            policy = build_policy_from_config(cfg, self.num_classes, all_reduce_sum if self.ctx.distributed else None)
+        self.scheme: Scheme = self.scheme_cls(cfg, models, self.num_classes, policy)
         self.optimizer = torch.optim.SGD(
             self.scheme.parameter_groups(cfg.optim.lr, cfg.optim.head_lr_mult),
             lr=cfg.optim.lr,
@@ -189,9 +243,10 @@ class Trainer:
         return model
 
     # ----------------------------------------------------------------- data
-    def _train_loader(self, samples: list[Sample], batch_size: int, with_mask: bool, seed: int) -> Iterator:
+    def _train_loader(
+        self, samples: list[Sample], batch_size: int, with_mask: bool, seed: int, transform: Callable
+    ) -> Iterator:
         cfg = self.cfg.data
-        transform = TrainTransform(cfg.crop_size, tuple(cfg.scale_range), hflip=cfg.hflip)
         dataset = SegmentationDataset(samples, self.data.fmt, transform, with_mask=with_mask)
         sampler = ResumableSampler(
             len(samples),
@@ -208,6 +263,9 @@ class Trainer:
             pin_memory=self.ctx.device.type == "cuda",
             drop_last=True,
             persistent_workers=cfg.workers > 0,
+            # Its own generator: creating a loader must not draw from the global RNG, whose
+            # saved state a resumed run restores (dropout and feature perturbation use it).
+            generator=torch.Generator().manual_seed(seed),
         )
         return iter(loader)
 
@@ -217,7 +275,13 @@ class Trainer:
         transform = EvalTransform("resize" if cfg.eval_mode == "resize" else "none", size if cfg.eval_mode == "resize" else None)
         dataset = SegmentationDataset(self.data.val, self.data.fmt, transform, with_mask=True)
         sampler = ShardSampler(len(dataset), self.ctx.rank, self.ctx.world_size)
-        return DataLoader(dataset, batch_size=cfg.eval_batch_size, sampler=sampler, num_workers=min(cfg.workers, 2))
+        return DataLoader(
+            dataset,
+            batch_size=cfg.eval_batch_size,
+            sampler=sampler,
+            num_workers=min(cfg.workers, 2),
+            generator=torch.Generator().manual_seed(0),
+        )
 
     # ----------------------------------------------------------- checkpoints
     def _checkpoint(self, with_optimizer: bool) -> dict:
@@ -331,22 +395,28 @@ class Trainer:
 
     def _loop(self, logger: MetricsLogger | None, total: int) -> dict:
         cfg = self.cfg
-        labeled_iter = self._train_loader(self.data.labeled, cfg.data.batch_size, True, cfg.train.seed)
-        unlabeled_iter = None
+        weak = TrainTransform(cfg.data.crop_size, tuple(cfg.data.scale_range), hflip=cfg.data.hflip)
+        labeled_iter = self._train_loader(self.data.labeled, cfg.data.batch_size, True, cfg.train.seed, weak)
+        unlabeled_iter = mix_iter = None
         if self.data.unlabeled is not None:
             batch_u = cfg.data.unlabeled_batch_size or cfg.data.batch_size
-            unlabeled_iter = self._train_loader(self.data.unlabeled, batch_u, False, cfg.train.seed + 1)
+            views = UnlabeledTransform(weak, cutmix_p=cfg.scheme.cutmix_p)
+            oracle = cfg.scheme.oracle_eval
+            unlabeled_iter = self._train_loader(self.data.unlabeled, batch_u, oracle, cfg.train.seed + 1, views)
+            # UniMatch draws the CutMix source as a second, independent unlabeled stream.
+            mix_iter = self._train_loader(self.data.unlabeled, batch_u, False, cfg.train.seed + 2, views)
         checkpoint_every = cfg.train.checkpoint_every or cfg.train.eval_every
         device = self.ctx.device
         self.scheme.train()
         bar = tqdm(total=total, initial=self.iteration, desc="train", disable=not self.progress, dynamic_ncols=True)
-        window_start, window_steps, sums = time.perf_counter(), 0, {}
+        window_start, window = time.perf_counter(), WindowMeans()
         while self.iteration < total:
             lr = self._set_lr(self.iteration)
             labeled = Scheme.to_device(next(labeled_iter), device)
             unlabeled = Scheme.to_device(next(unlabeled_iter), device) if unlabeled_iter else None
+            mix = Scheme.to_device(next(mix_iter), device) if mix_iter else None
             with torch.autocast(device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-                out = self.scheme.training_step(labeled, unlabeled, self.iteration)
+                out = self.scheme.training_step(labeled, unlabeled, mix, self.iteration)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(out.loss).backward()
             self.scaler.step(self.optimizer)
@@ -354,22 +424,20 @@ class Trainer:
             self.scheme.after_optimizer_step(self.iteration)
             self.iteration += 1
             bar.update(1)
-            window_steps += 1
-            for key, value in {"loss": out.loss.detach(), **out.logs}.items():
-                sums[key] = sums.get(key, 0.0) + value
+            window.add({"loss": out.loss.detach(), **out.logs})
             if self.iteration % cfg.train.log_every == 0 or self.iteration == total:
-                means = {k: float(v) / window_steps for k, v in sums.items()}
+                means = window.means()
                 if not math.isfinite(means["loss"]):
                     raise FloatingPointError(
                         f"training loss is {means['loss']} at iteration {self.iteration}; "
                         "lower optim.lr or check the data (the last checkpoint is intact)"
                     )
                 means["lr"] = lr
-                means["sec_per_iter"] = (time.perf_counter() - window_start) / window_steps
+                means["sec_per_iter"] = (time.perf_counter() - window_start) / window.steps
                 if logger is not None:
                     logger.log(self.iteration, "train", means)
                 bar.set_postfix(loss=f"{means['loss']:.3f}", lr=f"{lr:.2e}")
-                window_start, window_steps, sums = time.perf_counter(), 0, {}
+                window_start, window = time.perf_counter(), WindowMeans()
             evaluated = False
             if self.iteration % cfg.train.eval_every == 0 or self.iteration == total:
                 self._after_eval(self.evaluate(), logger)

@@ -18,6 +18,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 EVAL_MODES = ("none", "resize", "sliding")
+_ORACLE_VOID = 1000  # stand-in for a void label while the padding is being tracked
 
 ImageAndMask = tuple[tv_tensors.Image, tv_tensors.Mask | None]
 
@@ -263,4 +264,53 @@ class EvalTransform:
         out = {"image": normalize(image)}
         if mask is not None:
             out["mask"] = mask.as_subclass(torch.Tensor).long()
+        return out
+
+
+class UnlabeledTransform:
+    """The views of one unlabeled image that the semi-supervised schemes need (UniMatch).
+
+    One weak geometric crop (`TrainTransform.geometric`), two independent strong photometric
+    versions of that same crop, one CutMix box for each strong view, and `valid`, False on
+    the crop's padding. `image` is the weak view the teacher labels. If a mask is given
+    (research diagnostics only: `oracle_mask`), it follows the crop but never the training.
+
+    Returns {'image', 'strong1', 'strong2': float [3,h,w] normalised; 'box1', 'box2',
+    'valid': bool [h,w]; 'oracle_mask': int64 [h,w] when a mask was given}.
+    """
+
+    def __init__(
+        self,
+        weak: TrainTransform,
+        strong: StrongTransform | None = None,
+        cutmix_p: float = 0.5,
+    ) -> None:
+        _check_probability(cutmix_p, "cutmix_p")
+        self.weak = weak
+        self.strong = strong or StrongTransform()
+        self.cutmix_p = cutmix_p
+
+    def __call__(self, image: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        height, width = image.shape[-2:]
+        ignore = self.weak.ignore_index
+        # The crop's padding comes back as ignore_index in the marker. Void pixels of an oracle
+        # mask are moved out of the way first, so `valid` depends on the padding alone and no
+        # ground truth reaches training.
+        if mask is None:
+            marker = torch.zeros(height, width, dtype=torch.int64)
+        else:
+            marker = torch.where(mask == ignore, _ORACLE_VOID, mask.as_subclass(torch.Tensor).long())
+        crop, marker = self.weak.geometric(image, marker)
+        marker = marker.as_subclass(torch.Tensor)
+        h, w = crop.shape[-2:]
+        out = {
+            "image": normalize(crop),
+            "strong1": normalize(self.strong(crop)),
+            "box1": cutmix_box(h, w, p=self.cutmix_p),
+            "strong2": normalize(self.strong(crop)),
+            "box2": cutmix_box(h, w, p=self.cutmix_p),
+            "valid": marker != ignore,
+        }
+        if mask is not None:
+            out["oracle_mask"] = torch.where(marker == _ORACLE_VOID, ignore, marker)
         return out

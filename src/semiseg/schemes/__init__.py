@@ -1,9 +1,20 @@
 """Training schemes, looked up by `scheme.name`."""
 
 from semiseg.schemes.base import Scheme, StepOutput, unwrap
+from semiseg.schemes.cps import CPSScheme
+from semiseg.schemes.fixmatch import FixMatchScheme
+from semiseg.schemes.mean_teacher import MeanTeacherScheme
+from semiseg.schemes.semi import SemiScheme
 from semiseg.schemes.supervised import SupervisedScheme
+from semiseg.schemes.unimatch import UniMatchScheme
 
-SCHEMES: dict[str, type[Scheme]] = {"supervised": SupervisedScheme}
+SCHEMES: dict[str, type[Scheme]] = {
+    "supervised": SupervisedScheme,
+    "fixmatch": FixMatchScheme,
+    "unimatch": UniMatchScheme,
+    "mean_teacher": MeanTeacherScheme,
+    "cps": CPSScheme,
+}
 
 
 def get_scheme(name: str) -> type[Scheme]:
@@ -12,4 +23,16 @@ def get_scheme(name: str) -> type[Scheme]:
     return SCHEMES[name]
 
 
-__all__ = ["SCHEMES", "Scheme", "StepOutput", "SupervisedScheme", "get_scheme", "unwrap"]
+__all__ = [
+    "SCHEMES",
+    "CPSScheme",
+    "FixMatchScheme",
+    "MeanTeacherScheme",
+    "Scheme",
+    "SemiScheme",
+    "StepOutput",
+    "SupervisedScheme",
+    "UniMatchScheme",
+    "get_scheme",
+    "unwrap",
+]

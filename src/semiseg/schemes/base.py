@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from semiseg.config import Config
 from semiseg.models.ema import ModelEMA
+from semiseg.pseudo import Policy
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -35,7 +36,7 @@ class Scheme:
     model_names: ClassVar[tuple[str, ...]] = ("student",)
     uses_unlabeled: ClassVar[bool] = False
 
-    def __init__(self, cfg: Config, models: dict[str, nn.Module], num_classes: int):
+    def __init__(self, cfg: Config, models: dict[str, nn.Module], num_classes: int, policy: Policy | None = None):
         self.cfg = cfg
         self.models = models
         self.num_classes = num_classes
@@ -57,7 +58,9 @@ class Scheme:
             group["lr"] = lr * group["lr_mult"]
         return groups
 
-    def training_step(self, labeled: dict, unlabeled: dict | None, iteration: int) -> StepOutput:
+    def training_step(self, labeled: dict, unlabeled: dict | None, mix: dict | None, iteration: int) -> StepOutput:
+        """The loss of one step. `unlabeled` and `mix` (the CutMix source) are None for
+        schemes with `uses_unlabeled = False`."""
         raise NotImplementedError
 
     def after_optimizer_step(self, iteration: int) -> None:

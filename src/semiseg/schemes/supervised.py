@@ -9,7 +9,7 @@ from semiseg.schemes.base import Scheme, StepOutput
 class SupervisedScheme(Scheme):
     """Cross-entropy on labeled crops (plus the auxiliary head's loss for models that have one)."""
 
-    def training_step(self, labeled: dict, unlabeled: dict | None, iteration: int) -> StepOutput:
+    def training_step(self, labeled: dict, unlabeled: dict | None, mix: dict | None, iteration: int) -> StepOutput:
         out = self.models["student"](labeled["image"])
         loss_main = cross_entropy(out.logits, labeled["mask"])
         loss = loss_main

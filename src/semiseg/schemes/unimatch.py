@@ -1,0 +1,52 @@
+"""UniMatch (Yang et al., CVPR 2023): two strong views with CutMix plus a feature-perturbed stream.
+
+The DAW paper's base scheme: DAW = UniMatch + the `daw` policy.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from semiseg.losses import cross_entropy, weighted_cross_entropy
+from semiseg.schemes.base import StepOutput
+from semiseg.schemes.semi import SemiScheme, paste, softmax
+
+
+class UniMatchScheme(SemiScheme):
+    """loss = (L_x + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp) / 2, UniMatch's fixed weights.
+
+    The weak view is predicted together with the labeled batch (train-mode BatchNorm) and
+    its feature-perturbed copy (Dropout2d(0.5) on encoder features) gives L_fp; both strong
+    views get their own CutMix box from the independently drawn mix-source batch, whose
+    prediction is made in eval mode. Pseudo labels and weights come from the policy.
+    """
+
+    def training_step(self, labeled: dict, unlabeled: dict | None, mix: dict | None, iteration: int) -> StepOutput:
+        assert unlabeled is not None and mix is not None
+        model = self.models["student"]
+        x, y = labeled["image"], labeled["mask"]
+        u = unlabeled
+        with torch.no_grad():
+            model.eval()
+            probs_mix = softmax(model(mix["image"]).logits)
+            model.train()
+        sizes = [x.shape[0], u["image"].shape[0]]
+        clean, perturbed = model(torch.cat([x, u["image"]]), perturb=True)
+        logits_x, logits_w = clean.logits.split(sizes)
+        logits_fp = perturbed.logits[sizes[0]:]
+        strong1 = paste(u["strong1"], mix["strong1"], u["box1"])
+        strong2 = paste(u["strong2"], mix["strong2"], u["box2"])
+        logits_s1, logits_s2 = model(torch.cat([strong1, strong2])).logits.chunk(2)
+
+        self.policy.update(softmax(logits_x), y)
+        pl, pl_mix = self.label(softmax(logits_w), u["valid"], probs_mix, mix["valid"])
+        losses = {"loss_x": cross_entropy(logits_x, y)}
+        for key, logits, box in (("loss_s1", logits_s1, u["box1"]), ("loss_s2", logits_s2, u["box2"])):
+            target = self.mixed(pl, pl_mix, box)
+            valid = paste(u["valid"], mix["valid"], box)
+            losses[key] = weighted_cross_entropy(logits, target.target, target.weight * valid, valid)
+        losses["loss_fp"] = weighted_cross_entropy(logits_fp, pl.target, pl.weight * u["valid"], u["valid"])
+        loss = (losses["loss_x"] + 0.25 * losses["loss_s1"] + 0.25 * losses["loss_s2"] + 0.5 * losses["loss_fp"]) / 2
+        logs = {k: v.detach() for k, v in losses.items()}
+        logs.update(self.diagnostics(pl, u["valid"], u.get("oracle_mask")))
+        return StepOutput(loss, logs)
