@@ -1,4 +1,4 @@
-"""`semiseg` command line: train, eval, predict, split, quickstart."""
+"""`semiseg` command line: train, eval, predict, split, bench, plot, quickstart."""
 
 from __future__ import annotations
 
@@ -71,6 +71,32 @@ def _cmd_split(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from semiseg.bench import load_grid, markdown_table, run_grid, summarize, write_report
+
+    grid = load_grid(args.grid)
+    rows = summarize(grid, run_grid(grid, progress=not args.no_progress))
+    path = write_report(grid, rows, command=" ".join(["semiseg", "bench", args.grid]))
+    print(markdown_table(grid, rows))
+    print(f"table, CSV and bar plot in {path.parent}")
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from semiseg.config import load_config
+    from semiseg.data.formats import get_format
+    from semiseg.report import plot_run
+
+    run = Path(args.run)
+    if not (run / "metrics.jsonl").is_file() or not (run / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run} is not a run folder (no metrics.jsonl / config.yaml)")
+    cfg = load_config(run / "config.yaml")
+    fmt = get_format(cfg.data.format, cfg.data.num_classes, cfg.data.class_names, root=Path(cfg.data.root))
+    for path in plot_run(run, fmt.num_classes, args.iterations):
+        print(f"wrote {path}")
+    return 0
+
+
 def _cmd_quickstart(args: argparse.Namespace) -> int:
     from semiseg.quickstart import run_quickstart
 
@@ -121,6 +147,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="folder for labeled.txt / unlabeled.txt / val.txt")
     p.set_defaults(func=_cmd_split)
+
+    p = sub.add_parser("bench", help="run a grid of methods x seeds and write a comparison table")
+    p.add_argument("grid", help="grid YAML (see semiseg.bench)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("plot", help="draw a run's pseudo-label diagnostics (DAW fits and t*, mask ratio, accuracy)")
+    p.add_argument("run", help="run folder")
+    p.add_argument("--iterations", type=int, nargs="*", help="iterations at which to draw the DAW fits")
+    p.set_defaults(func=_cmd_plot)
 
     p = sub.add_parser("quickstart", help="make a synthetic dataset, train on it, print the mIoU table")
     p.add_argument("--out", default="semiseg-quickstart", help="working folder (data and run)")

@@ -1,0 +1,200 @@
+"""`semiseg bench GRID`: run methods x seeds on one dataset and tabulate them against a baseline.
+
+A grid file names a base config, the methods as lists of dotted overrides, and the seeds:
+
+    name: camvid-1_8-cpu
+    base: configs/supervised_deeplabv3plus-effl0_camvid-1_8_cpu.yaml
+    output_dir: runs/bench/camvid-1_8-cpu
+    seeds: [0, 1]
+    baseline: supervised
+    methods:
+      supervised: []
+      fixmatch: [scheme.name=fixmatch, policy.name=threshold]
+      unimatch-daw: [scheme.name=unimatch, policy.name=daw]
+
+Each run lives in OUTPUT_DIR/METHOD/seedN. A finished run (final.json at the configured
+iteration count) is read, not retrained; an unfinished one resumes from its checkpoint. The
+table (markdown + CSV) and a bar plot go to OUTPUT_DIR.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from semiseg.config import ConfigError, build_dataclass, load_config
+from semiseg.files import atomic_write, atomic_write_text
+from semiseg.metrics_log import read_metrics
+
+
+@dataclass
+class BenchGrid:
+    name: str
+    base: str
+    output_dir: str
+    methods: dict[str, list[str]]
+    seeds: list[int] = field(default_factory=lambda: [0])
+    baseline: str | None = "supervised"
+    overrides: list[str] = field(default_factory=list)
+    """Overrides applied to every run (before each method's own)."""
+
+
+def load_grid(path: str | Path) -> BenchGrid:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"grid file not found: {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a grid must be a mapping")
+    methods = data.get("methods")
+    if not isinstance(methods, dict) or not methods:
+        raise ConfigError(f"{path}: 'methods' must map method names to lists of overrides")
+    data = {**data, "methods": {str(k): v if v is not None else [] for k, v in methods.items()}}
+    try:
+        grid = build_dataclass(BenchGrid, data)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    for method, overrides in grid.methods.items():
+        if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+            raise ConfigError(f"{path}: methods.{method} must be a list of key=value strings")
+    if grid.baseline is not None and grid.baseline not in grid.methods:
+        raise ConfigError(f"{path}: baseline {grid.baseline!r} is not one of the methods {list(grid.methods)}")
+    if not grid.seeds:
+        raise ConfigError(f"{path}: seeds must not be empty")
+    return grid
+
+
+@dataclass
+class RunResult:
+    method: str
+    seed: int
+    miou: float
+    tail_miou: float | None
+    sec_per_iter: float
+    iterations: int
+
+
+def run_dir(grid: BenchGrid, method: str, seed: int) -> Path:
+    return Path(grid.output_dir) / method / f"seed{seed}"
+
+
+def read_result(method: str, seed: int, folder: Path, iterations: int) -> RunResult | None:
+    """The result of a finished run, or None if the run has not reached `iterations`."""
+    final = folder / "final.json"
+    if not final.is_file() or json.loads(final.read_text()).get("iteration") != iterations:
+        return None
+    records = read_metrics(folder / "metrics.jsonl")
+    val = [r for r in records if r["split"] == "val"]
+    # The first window includes data-loader start-up; the median is robust to it.
+    times = [r["sec_per_iter"] for r in records if r["split"] == "train" and "sec_per_iter" in r]
+    return RunResult(method, seed, val[-1]["miou"], val[-1].get("tail_miou"), statistics.median(times), iterations)
+
+
+def run_grid(grid: BenchGrid, progress: bool = True) -> list[RunResult]:
+    from semiseg.engine import train
+
+    results = []
+    for method, overrides in grid.methods.items():
+        for seed in grid.seeds:
+            folder = run_dir(grid, method, seed)
+            cfg = load_config(grid.base, [*grid.overrides, *overrides, f"train.seed={seed}", f"output_dir={folder}"])
+            result = read_result(method, seed, folder, cfg.train.iterations)
+            if result is None:
+                print(f"== {method} seed {seed} -> {folder}")
+                train(cfg, progress=progress)
+                result = read_result(method, seed, folder, cfg.train.iterations)
+            else:
+                print(f"== {method} seed {seed}: finished, read from {folder}")
+            assert result is not None
+            results.append(result)
+    return results
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarize(grid: BenchGrid, results: list[RunResult]) -> list[dict]:
+    """One row per method: mean and spread over seeds, gain over the baseline's mean."""
+    rows = []
+    for method in grid.methods:
+        runs = [r for r in results if r.method == method]
+        miou, spread = _mean_std([100 * r.miou for r in runs])
+        tails = [100 * r.tail_miou for r in runs if r.tail_miou is not None]
+        rows.append(
+            {
+                "method": method,
+                "seeds": len(runs),
+                "miou": miou,
+                "miou_std": spread,
+                "tail_miou": statistics.mean(tails) if tails else None,
+                "sec_per_iter": statistics.mean(r.sec_per_iter for r in runs),
+                "iterations": runs[0].iterations,
+            }
+        )
+    base = next((r for r in rows if r["method"] == grid.baseline), None)
+    for row in rows:
+        row["gain"] = row["miou"] - base["miou"] if base else None
+        row["tail_gain"] = (
+            row["tail_miou"] - base["tail_miou"] if base and row["tail_miou"] is not None and base["tail_miou"] is not None else None
+        )
+    return rows
+
+
+def _fmt(value: float | None, signed: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{value:+.2f}" if signed else f"{value:.2f}"
+
+
+def markdown_table(grid: BenchGrid, rows: list[dict]) -> str:
+    lines = [
+        f"| method | seeds | mIoU (%) | tail mIoU (%) | gain over {grid.baseline} | tail gain | s/iter |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['seeds']} | {r['miou']:.2f} ± {r['miou_std']:.2f} | {_fmt(r['tail_miou'])} "
+            f"| {_fmt(r['gain'], True)} | {_fmt(r['tail_gain'], True)} | {r['sec_per_iter']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_report(grid: BenchGrid, rows: list[dict], command: str) -> Path:
+    out = Path(grid.output_dir)
+    header = f"# {grid.name}\n\nBase config `{grid.base}`, seeds {grid.seeds}.\n\nCommand: `{command}`\n\n"
+    atomic_write_text(out / "results.md", header + markdown_table(grid, rows))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out / "results.csv", buffer.getvalue())
+    _bar_plot(grid, rows, out / "results.png")
+    return out / "results.md"
+
+
+def _bar_plot(grid: BenchGrid, rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.2 * len(rows) + 2, 3.5))
+    names = [r["method"] for r in rows]
+    ax.bar(names, [r["miou"] for r in rows], yerr=[r["miou_std"] for r in rows], capsize=4, color="#4C72B0")
+    if grid.baseline:
+        base = next(r for r in rows if r["method"] == grid.baseline)
+        ax.axhline(base["miou"], color="grey", linestyle="--", linewidth=1, label=grid.baseline)
+        ax.legend(loc="lower right")
+    ax.set_ylabel("val mIoU (%)")
+    ax.set_title(grid.name)
+    ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)

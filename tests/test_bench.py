@@ -1,0 +1,74 @@
+"""`semiseg bench`: grid loading, skip/resume of runs, the summary table, and `semiseg plot`."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import yaml
+from conftest import tiny_config
+
+from semiseg.bench import BenchGrid, RunResult, load_grid, summarize
+from semiseg.cli import main
+from semiseg.config import ConfigError
+
+
+def test_summary_means_spread_and_gain():
+    grid = BenchGrid(name="g", base="b.yaml", output_dir="o", methods={"supervised": [], "x": []}, seeds=[0, 1])
+    results = [
+        RunResult("supervised", 0, 0.40, 0.10, 1.0, 5),
+        RunResult("supervised", 1, 0.42, 0.12, 1.2, 5),
+        RunResult("x", 0, 0.45, 0.20, 2.0, 5),
+        RunResult("x", 1, 0.47, 0.22, 2.2, 5),
+    ]
+    rows = {r["method"]: r for r in summarize(grid, results)}
+    assert rows["supervised"]["miou"] == pytest.approx(41.0)
+    assert rows["supervised"]["miou_std"] == pytest.approx(1.41421, rel=1e-4)
+    assert rows["x"]["gain"] == pytest.approx(5.0)
+    assert rows["x"]["tail_gain"] == pytest.approx(10.0)
+    assert rows["x"]["sec_per_iter"] == pytest.approx(2.1)
+
+
+def test_bad_grids_are_refused(tmp_path):
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump({"name": "g", "base": "b", "output_dir": "o", "methods": {"a": []}, "baseline": "zzz"}))
+    with pytest.raises(ConfigError, match="baseline 'zzz'"):
+        load_grid(path)
+    path.write_text(yaml.safe_dump({"name": "g", "base": "b", "output_dir": "o", "methods": {"a": []}, "sedes": [0]}))
+    with pytest.raises(ConfigError, match="unknown key 'sedes'"):
+        load_grid(path)
+
+
+def test_bench_runs_the_grid_then_reuses_finished_runs(synthetic_root, tmp_path, capsys):
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump(tiny_config(synthetic_root, tmp_path / "unused", train={"iterations": 2, "eval_every": 2, "log_every": 1})))
+    out = tmp_path / "bench"
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(
+        yaml.safe_dump(
+            {
+                "name": "tiny",
+                "base": str(base),
+                "output_dir": str(out),
+                "seeds": [0, 1],
+                "methods": {
+                    "supervised": [],
+                    "fixmatch": ["scheme.name=fixmatch", "policy.name=threshold", "scheme.oracle_eval=true"],
+                },
+            },
+            sort_keys=False,
+        )
+    )
+    assert main(["bench", str(grid), "--no-progress"]) == 0
+    assert (out / "results.md").is_file() and (out / "results.png").is_file()
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [r["method"] for r in rows] == ["supervised", "fixmatch"]
+    assert all(r["seeds"] == "2" for r in rows)
+    finished = (out / "fixmatch" / "seed1" / "final.json").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(["bench", str(grid), "--no-progress"]) == 0
+    assert "finished, read from" in capsys.readouterr().out
+    assert (out / "fixmatch" / "seed1" / "final.json").stat().st_mtime_ns == finished
+
+    assert main(["plot", str(out / "fixmatch" / "seed0")]) == 0
+    assert (out / "fixmatch" / "seed0" / "plots" / "pseudo_labels.png").is_file()
