@@ -84,3 +84,16 @@ def test_quickstart_preset_file_matches_the_built_in_quickstart():
 
     preset = Path(__file__).resolve().parents[1] / "configs" / "supervised_deeplabv3plus-effl0_synthetic-1_8_quickstart.yaml"
     assert load_config(preset) == config_from_dict(quickstart_config(Path("semiseg-quickstart")))
+
+
+def test_base_file_is_merged_underneath(tmp_path: Path):
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({**BASE, "optim": {"lr": 0.5, "momentum": 0.8}}))
+    (tmp_path / "child.yaml").write_text(yaml.safe_dump({"base": "base.yaml", "optim": {"lr": 0.1}}))
+    cfg = load_config(tmp_path / "child.yaml")
+    assert cfg.optim.lr == 0.1 and cfg.optim.momentum == 0.8 and cfg.data.root == "data"
+    (tmp_path / "loop.yaml").write_text(yaml.safe_dump({"base": "loop.yaml"}))
+    with pytest.raises(ConfigError, match="loops"):
+        load_config(tmp_path / "loop.yaml")
+    (tmp_path / "orphan.yaml").write_text(yaml.safe_dump({"base": "missing.yaml"}))
+    with pytest.raises(ConfigError, match="missing.yaml"):
+        load_config(tmp_path / "orphan.yaml")

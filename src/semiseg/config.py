@@ -320,15 +320,34 @@ def config_from_dict(data: dict, overrides: list[str] | None = None) -> Config:
     return cfg
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config file; relative `data.root` is kept as written (relative to the working directory)."""
-    path = Path(path)
+def read_config_tree(path: Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """The nested mapping of a YAML config, with its `base:` file (if any) merged underneath.
+
+    `base: other.yaml` (relative to this file's folder) lets a preset state only what it
+    changes, e.g. a method preset on top of the dataset's supervised preset.
+    """
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"config file not found: {path}" + (f" (base of {_chain[-1]})" if _chain else ""))
+    if path.resolve() in _chain:
+        raise ConfigError(f"{path}: 'base' chain loops back to itself")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config must be a mapping at the top level")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base: expected a file name, got {base!r}")
+    return _merge(read_config_tree(path.parent / base, (*_chain, path.resolve())), data)
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config file (and its `base:` chain); relative paths inside stay relative to the working directory."""
+    path = Path(path)
+    data = read_config_tree(path)
     try:
         return config_from_dict(data, overrides)
     except ConfigError as err:
