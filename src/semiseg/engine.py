@@ -33,8 +33,8 @@ from semiseg.config import Config, config_to_dict, save_config
 from semiseg.data.dataset import SegmentationDataset, check_samples
 from semiseg.data.formats import DataError, DatasetFormat, Sample, get_format
 from semiseg.data.sampling import ResumableSampler, ShardSampler
-from semiseg.data.splits import read_split
-from semiseg.data.transforms import EvalTransform, TrainTransform, UnlabeledTransform
+from semiseg.data.splits import read_split, resolve_list
+from semiseg.data.transforms import TrainTransform, UnlabeledTransform, eval_transform
 from semiseg.distributed import (
     DistContext,
     all_gather_objects,
@@ -65,15 +65,6 @@ RESUMABLE_CHANGES = {
 }
 
 
-def resolve_list(path: str, root: Path) -> Path:
-    """A split list path: as given (absolute or relative to the working directory), else under the data root."""
-    candidate = Path(path).expanduser()
-    if candidate.is_absolute() or candidate.exists():
-        return candidate
-    under_root = root / candidate
-    return under_root if under_root.exists() else candidate
-
-
 @dataclass
 class DataBundle:
     fmt: DatasetFormat
@@ -84,7 +75,7 @@ class DataBundle:
     val: list[Sample]
 
 
-def load_data(cfg: Config, need_unlabeled: bool, verbose: bool = True) -> DataBundle:
+def load_data(cfg: Config, need_unlabeled: bool) -> DataBundle:
     """Read the split lists and check the files up front, so bad data fails before training starts."""
     root = Path(cfg.data.root).expanduser()
     if not root.is_dir():
@@ -271,8 +262,7 @@ class Trainer:
 
     def _val_loader(self) -> DataLoader:
         cfg = self.cfg.data
-        size = cfg.eval_size or cfg.crop_size
-        transform = EvalTransform("resize" if cfg.eval_mode == "resize" else "none", size if cfg.eval_mode == "resize" else None)
+        transform = eval_transform(cfg.eval_mode, cfg.eval_size or cfg.crop_size)
         dataset = SegmentationDataset(self.data.val, self.data.fmt, transform, with_mask=True)
         sampler = ShardSampler(len(dataset), self.ctx.rank, self.ctx.world_size)
         return DataLoader(

@@ -15,8 +15,8 @@ from semiseg.checkpoint import load_checkpoint
 from semiseg.config import Config, config_from_dict
 from semiseg.data.dataset import SegmentationDataset, check_samples
 from semiseg.data.formats import DataError, Sample, colorize, get_format
-from semiseg.data.splits import read_split
-from semiseg.data.transforms import EvalTransform
+from semiseg.data.splits import read_split, resolve_list
+from semiseg.data.transforms import eval_transform
 from semiseg.distributed import resolve_device
 from semiseg.evaluation import SegmentationScores, evaluate, predict_logits
 from semiseg.models import build_model
@@ -40,10 +40,6 @@ def load_trained_model(path: str | Path, device: torch.device) -> tuple[torch.nn
     return model.to(device).eval(), cfg, ckpt
 
 
-def _eval_transform(mode: str, size: int | None) -> EvalTransform:
-    return EvalTransform("resize", size) if mode == "resize" else EvalTransform("none", None)
-
-
 def evaluate_checkpoint(
     path: str | Path,
     *,
@@ -61,15 +57,13 @@ def evaluate_checkpoint(
     fmt = get_format(cfg.data.format, ckpt["num_classes"], ckpt["class_names"])
     val_path = val_list if val_list is not None else cfg.data.val
     if val_path:
-        from semiseg.engine import resolve_list
-
         samples = read_split(resolve_list(val_path, root), root, require_mask=True)
     else:
         samples = fmt.list_samples(root, "val")
     check_samples(samples, fmt, deep=False, desc="check val")
     mode = mode or cfg.data.eval_mode
     size = size or cfg.data.eval_size or cfg.data.crop_size
-    dataset = SegmentationDataset(samples, fmt, _eval_transform(mode, size), with_mask=True)
+    dataset = SegmentationDataset(samples, fmt, eval_transform(mode, size), with_mask=True)
     scores = evaluate(
         model,
         DataLoader(dataset, batch_size=1, num_workers=min(2, cfg.data.workers)),
@@ -104,7 +98,7 @@ def predict_folder(
     fmt = get_format(cfg.data.format, ckpt["num_classes"], ckpt["class_names"])
     mode = mode or cfg.data.eval_mode
     size = size or cfg.data.eval_size or cfg.data.crop_size
-    dataset = SegmentationDataset([Sample(p, None) for p in images], fmt, _eval_transform(mode, size), with_mask=False)
+    dataset = SegmentationDataset([Sample(p, None) for p in images], fmt, eval_transform(mode, size), with_mask=False)
     output_dir.mkdir(parents=True, exist_ok=True)
     for index in tqdm(range(len(dataset)), desc="predict"):
         item = dataset[index]

@@ -17,6 +17,16 @@ from semiseg.data.formats import DataError, Sample
 from semiseg.files import atomic_write_text
 
 
+def resolve_list(path: str | Path, root: Path) -> Path:
+    """Where a split list named in a config is: as given (absolute, or relative to the working
+    directory) if it exists there, else under the data root."""
+    candidate = Path(path).expanduser()
+    if candidate.is_absolute() or candidate.exists():
+        return candidate
+    under_root = root / candidate
+    return under_root if under_root.exists() else candidate
+
+
 def _resolve(root: Path, relative: str) -> Path:
     path = root / relative
     # DeepLab-style lists write '/JPEGImages/x.jpg', meaning relative to the root.

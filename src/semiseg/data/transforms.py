@@ -267,6 +267,12 @@ class EvalTransform:
         return out
 
 
+def eval_transform(mode: str, size: int | None) -> EvalTransform:
+    """The validation transform of `data.eval_mode`; `size` (resize target or sliding window)
+    is dropped for 'none', which always runs on the full image."""
+    return EvalTransform(mode, None if mode == "none" else size)
+
+
 class UnlabeledTransform:
     """The views of one unlabeled image that the semi-supervised schemes need (UniMatch).
 

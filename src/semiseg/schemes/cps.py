@@ -21,7 +21,9 @@ class CPSScheme(SemiScheme):
     Both students see the weak unlabeled view with a CutMix box from the mix-source batch;
     the targets are the other student's predictions on the two source batches, mixed with
     the same box (CPS's CutMix variant). Teacher predictions are made without gradient in
-    train mode, as in the CPS code. The first student is evaluated.
+    train mode, as in the CPS code. The first student is evaluated. The policy labels for
+    both directions, so a stateful policy (DAW's alignment statistic) sees each unlabeled
+    batch twice per step; its labeled statistics come from the first student.
     """
 
     model_names: ClassVar[tuple[str, ...]] = ("student", "student_b")
