@@ -97,3 +97,17 @@ def test_base_file_is_merged_underneath(tmp_path: Path):
     (tmp_path / "orphan.yaml").write_text(yaml.safe_dump({"base": "missing.yaml"}))
     with pytest.raises(ConfigError, match="missing.yaml"):
         load_config(tmp_path / "orphan.yaml")
+
+
+def test_atomic_writes_get_ordinary_permissions(tmp_path: Path):
+    import os
+
+    from semiseg.files import atomic_write_text
+
+    target = tmp_path / "f.txt"
+    atomic_write_text(target, "x")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert target.read_text() == "x"
+    assert target.stat().st_mode & 0o777 == 0o666 & ~mask
+    assert not list(tmp_path.glob(".f.txt.*"))
