@@ -134,3 +134,41 @@ def test_bf16_autocast_trains_on_cpu(synthetic_root, tmp_path):
     )
     result = train(cfg, progress=False)
     assert result["iteration"] == 2 and 0 <= result["best_miou"] <= 1
+
+
+@pytest.mark.slow
+def test_sigkilled_cli_run_resumes_to_the_same_weights(synthetic_root, tmp_path):
+    """A real `kill -9` of `semiseg train` after its first checkpoint, then the same command again."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    overrides = {"train": {"iterations": 16, "eval_every": 8, "checkpoint_every": 4, "log_every": 4, "threads": 1}}
+    reference = tmp_path / "reference"
+    train(config_from_dict(tiny_config(synthetic_root, reference, **overrides)), progress=False)
+
+    run = tmp_path / "killed"
+    config = tmp_path / "killed.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(synthetic_root, run, **overrides)))
+    cmd = [sys.executable, "-m", "semiseg.cli", "train", str(config), "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (run / "latest.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = load_checkpoint(run / "latest.pt")["iteration"]
+    assert 0 < killed_at < 16
+
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    a, b = _state(reference), _state(run)
+    assert b["iteration"] == 16
+    for key, tensor in a["models"]["student"].items():
+        assert torch.equal(tensor, b["models"]["student"][key]), key
