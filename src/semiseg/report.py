@@ -56,7 +56,12 @@ def plot_daw_fits(records: list[dict], num_classes: int, out: Path, iterations: 
     for ax, r in zip(axes[0], wanted, strict=True):
         ax.plot(x, truncated_pdf(x, r["policy/mu_pos"], r["policy/sigma_pos"], low), label="correct", color="#2a9d8f")
         ax.plot(x, truncated_pdf(x, r["policy/mu_neg"], r["policy/sigma_neg"], low), label="incorrect", color="#e76f51")
-        ax.axvline(r["policy/t"], color="black", linestyle="--", linewidth=1, label=f"t* = {r['policy/t']:.3f}")
+        t = r["policy/t"]
+        # An early, ill-conditioned t* can fall outside [1/C, 1]; draw it at the edge, say so.
+        outside = "" if low <= t <= 1 else " (outside [1/C, 1])"
+        ax.axvline(min(max(t, low), 1.0), color="black", linestyle="--", linewidth=1, label=f"t* = {t:.3f}{outside}")
+        ax.set_xlim(low, 1.0)
+        ax.set_ylim(bottom=0)
         ax.set_title(f"iteration {r['iteration']}")
         ax.set_xlabel("confidence")
         ax.legend(fontsize=7)
