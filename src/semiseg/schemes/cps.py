@@ -10,7 +10,7 @@ from typing import ClassVar
 
 import torch
 
-from semiseg.losses import cross_entropy, weighted_cross_entropy
+from semiseg.losses import cross_entropy
 from semiseg.schemes.base import StepOutput
 from semiseg.schemes.semi import SemiScheme, paste, softmax
 
@@ -34,27 +34,24 @@ class CPSScheme(SemiScheme):
         x, y = labeled["image"], labeled["mask"]
         box = u["box1"]
         mixed_image = paste(u["image"], mix["image"], box)
-        valid = paste(u["valid"], mix["valid"], box)
         logits = {
             name: self.models[name](torch.cat([x, mixed_image])).logits.split([x.shape[0], mixed_image.shape[0]])
             for name in self.model_names
         }
         self.policy.update(softmax(logits["student"][0]), y)
         sources = torch.cat([u["image"], mix["image"]])
-        targets, logs = {}, {}
+        labels, logs = {}, {}
         for name in self.model_names:
             with torch.no_grad():
                 probs_u, probs_mix = softmax(self.models[name](sources).logits).chunk(2)
-            pl, pl_mix = self.label(probs_u, u["valid"], probs_mix, mix["valid"])
-            targets[name] = self.mixed(pl, pl_mix, box)
+            labels[name] = self.label(probs_u, u["valid"], probs_mix, mix["valid"])
             if name == "student":
-                logs.update(self.diagnostics(pl, u["valid"], u.get("oracle_mask")))
+                logs.update(self.diagnostics(labels[name][0], u["valid"], u.get("oracle_mask")))
         losses = {}
         for name, other in zip(self.model_names, reversed(self.model_names), strict=True):
             logits_x, logits_u = logits[name]
-            target = targets[other]
             losses[f"loss_x_{name}"] = cross_entropy(logits_x, y)
-            losses[f"loss_u_{name}"] = weighted_cross_entropy(logits_u, target.target, target.weight * valid, valid)
+            losses[f"loss_u_{name}"] = self.cutmix_loss(logits_u, *labels[other], u["valid"], mix["valid"], box)
         total = sum(losses[f"loss_x_{n}"] + self.cfg.scheme.unsup_weight * losses[f"loss_u_{n}"] for n in self.model_names)
         logs.update({k: v.detach() for k, v in losses.items()})
         return StepOutput(total, logs)

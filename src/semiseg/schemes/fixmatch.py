@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from semiseg.losses import cross_entropy, weighted_cross_entropy
+from semiseg.losses import cross_entropy
 from semiseg.schemes.base import StepOutput
 from semiseg.schemes.semi import SemiScheme, paste, softmax
 
@@ -29,10 +29,8 @@ class FixMatchScheme(SemiScheme):
         logits_s = model(strong).logits
         self.policy.update(softmax(logits_x), y)
         pl, pl_mix = self.label(softmax(logits_w), unlabeled["valid"], probs_mix, mix["valid"])
-        target = self.mixed(pl, pl_mix, unlabeled["box1"])
-        valid_s = paste(unlabeled["valid"], mix["valid"], unlabeled["box1"])
         loss_x = cross_entropy(logits_x, y)
-        loss_s = weighted_cross_entropy(logits_s, target.target, target.weight * valid_s, valid_s)
+        loss_s = self.cutmix_loss(logits_s, pl, pl_mix, unlabeled["valid"], mix["valid"], unlabeled["box1"])
         logs = {"loss_x": loss_x.detach(), "loss_s": loss_s.detach()}
         logs.update(self.diagnostics(pl, unlabeled["valid"], unlabeled.get("oracle_mask")))
         return StepOutput((loss_x + loss_s) / 2, logs)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from semiseg.config import Config
-from semiseg.losses import cross_entropy, weighted_cross_entropy
+from semiseg.losses import cross_entropy
 from semiseg.pseudo import Policy
 from semiseg.schemes.base import StepOutput, unwrap
 from semiseg.schemes.semi import SemiScheme, paste, softmax
@@ -38,10 +38,8 @@ class MeanTeacherScheme(SemiScheme):
         logits_x, logits_s = self.models["student"](torch.cat([x, strong])).logits.split([x.shape[0], strong.shape[0]])
         self.policy.update(softmax(logits_x), y)
         pl, pl_mix = self.label(probs_w, u["valid"], probs_mix, mix["valid"])
-        target = self.mixed(pl, pl_mix, u["box1"])
-        valid = paste(u["valid"], mix["valid"], u["box1"])
         loss_x = cross_entropy(logits_x, y)
-        loss_u = weighted_cross_entropy(logits_s, target.target, target.weight * valid, valid)
+        loss_u = self.cutmix_loss(logits_s, pl, pl_mix, u["valid"], mix["valid"], u["box1"])
         logs = {"loss_x": loss_x.detach(), "loss_u": loss_u.detach()}
         logs.update(self.diagnostics(pl, u["valid"], u.get("oracle_mask")))
         return StepOutput(loss_x + self.cfg.scheme.unsup_weight * loss_u, logs)

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from semiseg.config import Config
+from semiseg.losses import weighted_cross_entropy
 from semiseg.pseudo import Policy, PseudoLabels
 from semiseg.schemes.base import Scheme
 
@@ -52,6 +53,14 @@ class SemiScheme(Scheme):
             paste(pl.weight, pl_mix.weight, box),
             paste(pl.confidence, pl_mix.confidence, box),
         )
+
+    def cutmix_loss(
+        self, logits: Tensor, pl: PseudoLabels, pl_mix: PseudoLabels, valid: Tensor, valid_mix: Tensor, box: Tensor
+    ) -> Tensor:
+        """Unlabeled loss of a CutMix view: targets, weights and valid pixels pasted with `box`."""
+        target = self.mixed(pl, pl_mix, box)
+        valid_view = paste(valid, valid_mix, box)
+        return weighted_cross_entropy(logits, target.target, target.weight * valid_view, valid_view)
 
     def diagnostics(self, pl: PseudoLabels, valid: Tensor, oracle: Tensor | None) -> dict[str, Tensor | float]:
         """Fraction of valid pixels used, their mean weight, the policy's own scalars and, under

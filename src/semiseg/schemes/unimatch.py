@@ -42,9 +42,7 @@ class UniMatchScheme(SemiScheme):
         pl, pl_mix = self.label(softmax(logits_w), u["valid"], probs_mix, mix["valid"])
         losses = {"loss_x": cross_entropy(logits_x, y)}
         for key, logits, box in (("loss_s1", logits_s1, u["box1"]), ("loss_s2", logits_s2, u["box2"])):
-            target = self.mixed(pl, pl_mix, box)
-            valid = paste(u["valid"], mix["valid"], box)
-            losses[key] = weighted_cross_entropy(logits, target.target, target.weight * valid, valid)
+            losses[key] = self.cutmix_loss(logits, pl, pl_mix, u["valid"], mix["valid"], box)
         losses["loss_fp"] = weighted_cross_entropy(logits_fp, pl.target, pl.weight * u["valid"], u["valid"])
         loss = (losses["loss_x"] + 0.25 * losses["loss_s1"] + 0.25 * losses["loss_s2"] + 0.5 * losses["loss_fp"]) / 2
         logs = {k: v.detach() for k, v in losses.items()}
