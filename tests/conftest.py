@@ -52,3 +52,24 @@ def tiny_config(root: Path, output_dir: Path, **sections) -> dict:
     for section, values in sections.items():
         cfg.setdefault(section, {}).update(values)
     return cfg
+
+
+class Killed(Exception):
+    """Stands for the process dying between two training steps."""
+
+
+def crash_at(cfg, at_iteration: int, monkeypatch) -> None:
+    """Train `cfg` until it dies just before step `at_iteration`; the run folder keeps what it saved."""
+    from semiseg.engine import Trainer, train
+
+    original = Trainer._set_lr
+
+    def dying(self, iteration):
+        if iteration == at_iteration:
+            raise Killed
+        return original(self, iteration)
+
+    monkeypatch.setattr(Trainer, "_set_lr", dying)
+    with pytest.raises(Killed):
+        train(cfg, progress=False)
+    monkeypatch.setattr(Trainer, "_set_lr", original)

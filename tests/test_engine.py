@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import crash_at, tiny_config
 
 from semiseg.checkpoint import load_checkpoint
 from semiseg.config import config_from_dict
@@ -40,10 +40,6 @@ def test_training_loss_falls_and_writes_the_run_folder(synthetic_root, tmp_path)
     assert "iou/ground" in val[0]
 
 
-class Killed(Exception):
-    pass
-
-
 def _state(run: Path) -> dict:
     return load_checkpoint(run / "latest.pt")
 
@@ -54,20 +50,10 @@ def test_killed_run_resumes_to_the_same_state(synthetic_root, tmp_path, monkeypa
     train(config_from_dict(tiny_config(synthetic_root, reference, **overrides)), progress=False)
 
     killed = tmp_path / "killed"
+    # Dies two iterations after the checkpoint at 8: those steps are lost and redone.
     cfg = config_from_dict(tiny_config(synthetic_root, killed, **overrides))
-    original_step = Trainer._set_lr
-
-    def dying_set_lr(self, iteration):
-        # Die two iterations after the checkpoint at 8: those steps are lost and redone.
-        if iteration == 10:
-            raise Killed
-        return original_step(self, iteration)
-
-    monkeypatch.setattr(Trainer, "_set_lr", dying_set_lr)
-    with pytest.raises(Killed):
-        train(cfg, progress=False)
+    crash_at(cfg, 10, monkeypatch)
     assert _state(killed)["iteration"] == 8
-    monkeypatch.setattr(Trainer, "_set_lr", original_step)
     train(cfg, progress=False)
 
     a, b = _state(reference), _state(killed)

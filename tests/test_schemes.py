@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import crash_at, tiny_config
 
 from semiseg.checkpoint import load_checkpoint
 from semiseg.config import config_from_dict
@@ -65,22 +65,9 @@ def test_unimatch_daw_resumes_exactly_with_policy_state(synthetic_root, tmp_path
     reference = tmp_path / "reference"
     train(config_from_dict(tiny_config(synthetic_root, reference, **overrides)), progress=False)
 
-    class Killed(Exception):
-        pass
-
     killed = tmp_path / "killed"
     cfg = config_from_dict(tiny_config(synthetic_root, killed, **overrides))
-    original = Trainer._set_lr
-
-    def dying(self, iteration):
-        if iteration == 4:
-            raise Killed
-        return original(self, iteration)
-
-    monkeypatch.setattr(Trainer, "_set_lr", dying)
-    with pytest.raises(Killed):
-        train(cfg, progress=False)
-    monkeypatch.setattr(Trainer, "_set_lr", original)
+    crash_at(cfg, 4, monkeypatch)
     train(cfg, progress=False)
 
     a, b = load_checkpoint(reference / "latest.pt"), load_checkpoint(killed / "latest.pt")
