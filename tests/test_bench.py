@@ -8,7 +8,7 @@ import pytest
 import yaml
 from conftest import tiny_config
 
-from semiseg.bench import BenchGrid, RunResult, load_grid, summarize
+from semiseg.bench import BenchGrid, RunResult, load_grid, run_config, summarize
 from semiseg.cli import main
 from semiseg.config import ConfigError
 
@@ -72,3 +72,25 @@ def test_bench_runs_the_grid_then_reuses_finished_runs(synthetic_root, tmp_path,
 
     assert main(["plot", str(out / "fixmatch" / "seed0")]) == 0
     assert (out / "fixmatch" / "seed0" / "plots" / "pseudo_labels.png").is_file()
+
+
+def test_seed_placeholder_and_run_selection(synthetic_root, tmp_path, capsys):
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump(tiny_config(synthetic_root, tmp_path / "unused", train={"iterations": 2, "eval_every": 2})))
+    warm = BenchGrid(name="w", base=str(base), output_dir="o", methods={"m": []}, seeds=[3], overrides=["model.init_from=x/seed{seed}.pt"])
+    assert run_config(warm, "m", 3).model.init_from == "x/seed3.pt"
+
+    out = tmp_path / "bench"
+    grid = tmp_path / "grid.yaml"
+    methods = {"supervised": [], "other": ["optim.lr=0.02"]}
+    grid.write_text(yaml.safe_dump({"name": "tiny", "base": str(base), "output_dir": str(out), "seeds": [0, 1], "methods": methods}))
+    assert main(["bench", str(grid), "--methods", "nope"]) == 2
+    assert "unknown method(s) ['nope']" in capsys.readouterr().err
+    assert main(["bench", str(grid), "--seeds", "7"]) == 2
+    assert "seed(s) [7] are not in the grid's seeds [0, 1]" in capsys.readouterr().err
+
+    assert main(["bench", str(grid), "--no-progress", "--methods", "other", "--seeds", "1"]) == 0
+    assert (out / "other" / "seed1" / "final.json").is_file()
+    assert not (out / "supervised").exists() and not (out / "other" / "seed0").exists()
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [(r["method"], r["seeds"]) for r in rows] == [("other", "1")]

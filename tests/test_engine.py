@@ -158,3 +158,35 @@ def test_sigkilled_cli_run_resumes_to_the_same_weights(synthetic_root, tmp_path)
     assert b["iteration"] == 16
     for key, tensor in a["models"]["student"].items():
         assert torch.equal(tensor, b["models"]["student"][key]), key
+
+
+def test_warm_start_loads_every_model_and_teacher(synthetic_root, tmp_path):
+    source = tmp_path / "source"
+    train(config_from_dict(tiny_config(synthetic_root, source, train={"iterations": 4, "eval_every": 4})), progress=False)
+    weights = load_checkpoint(source / "latest.pt")["eval_model"]
+
+    cfg = config_from_dict(
+        tiny_config(
+            synthetic_root,
+            tmp_path / "warm",
+            model={"init_from": str(source / "latest.pt")},
+            scheme={"name": "mean_teacher"},
+            policy={"name": "threshold"},
+        )
+    )
+    trainer = Trainer(cfg, progress=False)
+    for model in [*trainer.scheme.models.values(), trainer.scheme.eval_model()]:
+        state = model.state_dict()
+        assert all(torch.equal(state[k], v) for k, v in weights.items())
+
+
+def test_warm_start_errors_name_the_file(synthetic_root, tmp_path):
+    missing = tmp_path / "nope.pt"
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        Trainer(config_from_dict(tiny_config(synthetic_root, tmp_path / "a", model={"init_from": str(missing)})), progress=False)
+
+    source = tmp_path / "source"
+    train(config_from_dict(tiny_config(synthetic_root, source, train={"iterations": 2, "eval_every": 2})), progress=False)
+    other = tiny_config(synthetic_root, tmp_path / "b", model={"name": "pspnet", "init_from": str(source / "latest.pt")})
+    with pytest.raises(ValueError, match="init_from: .*latest.pt does not fit"):
+        Trainer(config_from_dict(other), progress=False)

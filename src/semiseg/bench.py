@@ -13,8 +13,10 @@ A grid file names a base config, the methods as lists of dotted overrides, and t
       unimatch-daw: [scheme.name=unimatch, policy.name=daw]
 
 Each run lives in OUTPUT_DIR/METHOD/seedN. A finished run (final.json at the configured
-iteration count) is read, not retrained; an unfinished one resumes from its checkpoint. The
-table (markdown + CSV) and a bar plot go to OUTPUT_DIR.
+iteration count) is read, not retrained; an unfinished one resumes from its checkpoint.
+``{seed}`` in an override is replaced by the run's seed. ``--methods``/``--seeds`` restrict
+which runs this process trains (e.g. one process per GPU); the table (markdown + CSV) and a
+bar plot in OUTPUT_DIR always cover every finished run of the grid, with the seed count per row.
 """
 
 from __future__ import annotations
@@ -96,23 +98,52 @@ def read_result(method: str, seed: int, folder: Path, iterations: int) -> RunRes
     return RunResult(method, seed, val[-1]["miou"], val[-1].get("tail_miou"), statistics.median(times), iterations)
 
 
-def run_grid(grid: BenchGrid, progress: bool = True) -> list[RunResult]:
+def run_config(grid: BenchGrid, method: str, seed: int):
+    """The config of one run; ``{seed}`` in an override value becomes the run's seed (e.g. a
+    per-seed ``model.init_from`` checkpoint)."""
+    overrides = [o.replace("{seed}", str(seed)) for o in [*grid.overrides, *grid.methods[method]]]
+    return load_config(grid.base, [*overrides, f"train.seed={seed}", f"output_dir={run_dir(grid, method, seed)}"])
+
+
+def _check_selection(grid: BenchGrid, methods: list[str] | None, seeds: list[int] | None) -> None:
+    unknown = [m for m in methods or [] if m not in grid.methods]
+    if unknown:
+        raise ConfigError(f"unknown method(s) {unknown}; the grid has {list(grid.methods)}")
+    missing = [s for s in seeds or [] if s not in grid.seeds]
+    if missing:
+        raise ConfigError(f"seed(s) {missing} are not in the grid's seeds {grid.seeds}")
+
+
+def run_grid(
+    grid: BenchGrid, progress: bool = True, methods: list[str] | None = None, seeds: list[int] | None = None
+) -> list[RunResult]:
+    """Train (or resume) every selected run that has not finished; return the results of all
+    finished runs of the grid, selected or not, so several processes can share one grid."""
     from semiseg.engine import train
 
-    results = []
-    for method, overrides in grid.methods.items():
-        for seed in grid.seeds:
+    _check_selection(grid, methods, seeds)
+    for method in methods or grid.methods:
+        for seed in seeds or grid.seeds:
             folder = run_dir(grid, method, seed)
-            cfg = load_config(grid.base, [*grid.overrides, *overrides, f"train.seed={seed}", f"output_dir={folder}"])
-            result = read_result(method, seed, folder, cfg.train.iterations)
-            if result is None:
+            cfg = run_config(grid, method, seed)
+            if read_result(method, seed, folder, cfg.train.iterations) is None:
                 print(f"== {method} seed {seed} -> {folder}")
                 train(cfg, progress=progress)
-                result = read_result(method, seed, folder, cfg.train.iterations)
+                if read_result(method, seed, folder, cfg.train.iterations) is None:
+                    raise RuntimeError(f"{folder}: training ended without a final evaluation")
             else:
                 print(f"== {method} seed {seed}: finished, read from {folder}")
-            assert result is not None
-            results.append(result)
+    return finished_results(grid)
+
+
+def finished_results(grid: BenchGrid) -> list[RunResult]:
+    results = []
+    for method in grid.methods:
+        for seed in grid.seeds:
+            cfg = run_config(grid, method, seed)
+            result = read_result(method, seed, run_dir(grid, method, seed), cfg.train.iterations)
+            if result is not None:
+                results.append(result)
     return results
 
 
@@ -125,6 +156,8 @@ def summarize(grid: BenchGrid, results: list[RunResult]) -> list[dict]:
     rows = []
     for method in grid.methods:
         runs = [r for r in results if r.method == method]
+        if not runs:
+            continue
         miou, spread = _mean_std([100 * r.miou for r in runs])
         tails = [100 * r.tail_miou for r in runs if r.tail_miou is not None]
         rows.append(
@@ -188,8 +221,8 @@ def _bar_plot(grid: BenchGrid, rows: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(1.2 * len(rows) + 2, 3.5))
     names = [r["method"] for r in rows]
     ax.bar(names, [r["miou"] for r in rows], yerr=[r["miou_std"] for r in rows], capsize=4, color="#4C72B0")
-    if grid.baseline:
-        base = next(r for r in rows if r["method"] == grid.baseline)
+    base = next((r for r in rows if r["method"] == grid.baseline), None)
+    if base is not None:
         ax.axhline(base["miou"], color="grey", linestyle="--", linewidth=1, label=grid.baseline)
         ax.legend(loc="lower right")
     ax.set_ylabel("val mIoU (%)")

@@ -75,7 +75,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from semiseg.bench import load_grid, markdown_table, run_grid, summarize, write_report
 
     grid = load_grid(args.grid)
-    rows = summarize(grid, run_grid(grid, progress=not args.no_progress))
+    results = run_grid(grid, progress=not args.no_progress, methods=args.methods, seeds=args.seeds)
+    if not results:
+        print("no finished runs yet", file=sys.stderr)
+        return 1
+    rows = summarize(grid, results)
     path = write_report(grid, rows, command=" ".join(["semiseg", "bench", args.grid]))
     print(markdown_table(grid, rows))
     print(f"table, CSV and bar plot in {path.parent}")
@@ -150,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="run a grid of methods x seeds and write a comparison table")
     p.add_argument("grid", help="grid YAML (see semiseg.bench)")
+    p.add_argument("--methods", nargs="+", help="train only these methods of the grid")
+    p.add_argument("--seeds", nargs="+", type=int, help="train only these seeds of the grid")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_bench)
 

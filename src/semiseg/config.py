@@ -64,6 +64,10 @@ class ModelConfig:
     pretrained: str | None = "imagenet"
     """'imagenet', a torchvision weight name (needs internet), a local file path, or null."""
     output_stride: Literal[8, 16] = 16
+    init_from: str | None = None
+    """A semiseg checkpoint whose evaluated model's weights start every network of the scheme
+    (a warm start from a supervised run, or a self-training round from its teacher). Schemes
+    with two students (CPS) then start both from the same weights. Ignored when resuming."""
 
 
 @dataclass

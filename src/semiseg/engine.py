@@ -153,6 +153,33 @@ def build_policy_from_config(cfg: Config, num_classes: int, reduce: Callable | N
     return build_policy(cfg.policy.name, num_classes, reduce=reduce, **options)
 
 
+def load_warm_start(path: str, num_classes: int) -> dict[str, Tensor]:
+    """The evaluated model's weights of the semiseg checkpoint at ``path`` (``model.init_from``).
+
+    Raises:
+        FileNotFoundError / RuntimeError: no such file, or not a semiseg checkpoint.
+        ValueError: the checkpoint was trained for a different number of classes.
+    """
+    ckpt = load_checkpoint(path)
+    if ckpt.get("num_classes") != num_classes:
+        raise ValueError(
+            f"model.init_from: {path} has {ckpt.get('num_classes')} classes, this dataset has {num_classes}"
+        )
+    return ckpt["eval_model"]
+
+
+def _load_weights(model: nn.Module, state: dict[str, Tensor], path: str) -> None:
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # tensor shape mismatches
+        raise ValueError(f"model.init_from: {path} does not fit this model: {err}") from None
+    if missing or unexpected:
+        raise ValueError(
+            f"model.init_from: {path} does not fit this model (missing keys: {missing[:5]}, "
+            f"unexpected keys: {unexpected[:5]}); check model.name and model.backbone"
+        )
+
+
 def poly_factor(iteration: int, total: int, power: float) -> float:
     return (1.0 - iteration / total) ** power
 
@@ -186,20 +213,27 @@ class Trainer:
         self.data = load_data(cfg, self.scheme_cls.uses_unlabeled)
         self.num_classes = self.data.num_classes
 
+        latest = self.run_dir / "latest.pt"
+        resuming = latest.exists() and not restart
+        warm_start = None
+        if cfg.model.init_from and not resuming:
+            warm_start = load_warm_start(cfg.model.init_from, self.num_classes)
         seed_everything(cfg.train.seed)
         models = {}
         for k, name in enumerate(self.scheme_cls.model_names):
             # Distinct seeds give two-student schemes (CPS) differently initialised networks.
             torch.manual_seed(cfg.train.seed + 1000 * k)
-            models[name] = self._prepare(
-                build_model(
-                    cfg.model.name,
-                    cfg.model.backbone,
-                    self.num_classes,
-                    pretrained=cfg.model.pretrained,
-                    output_stride=cfg.model.output_stride,
-                )
+            model = build_model(
+                cfg.model.name,
+                cfg.model.backbone,
+                self.num_classes,
+                pretrained=cfg.model.pretrained,
+                output_stride=cfg.model.output_stride,
             )
+            if warm_start is not None:
+                # Before the scheme exists, so teachers and EMA copies start from it too.
+                _load_weights(model, warm_start, cfg.model.init_from)
+            models[name] = self._prepare(model)
         policy = None
         if self.scheme_cls.uses_unlabeled:
             policy = build_policy_from_config(cfg, self.num_classes, all_reduce_sum if self.ctx.distributed else None)
@@ -219,8 +253,7 @@ class Trainer:
         # Training randomness starts from the seed, not from wherever model building left it;
         # a resume then replaces it with the saved state.
         seed_everything(cfg.train.seed)
-        latest = self.run_dir / "latest.pt"
-        if latest.exists() and not restart:
+        if resuming:
             self._resume(latest)
 
     def _prepare(self, model: nn.Module) -> nn.Module:
