@@ -80,3 +80,52 @@ def test_unimatch_daw_resumes_exactly_with_policy_state(synthetic_root, tmp_path
         assert torch.equal(va, vb) if isinstance(va, torch.Tensor) else va == vb, key
     records = [r for r in read_metrics(killed / "metrics.jsonl") if r["split"] == "train"]
     assert "policy/t" in records[-1]
+
+
+@pytest.mark.parametrize("scheme", SEMI)
+def test_fpl_loss_trains_every_scheme_and_logs_k_and_gradient_scores(synthetic_root, tmp_path, scheme):
+    cfg = config_from_dict(
+        tiny_config(
+            synthetic_root,
+            tmp_path / "run",
+            scheme={"name": scheme, "oracle_eval": True},
+            policy={"name": "pseudo_label"},
+            loss={"name": "fpl", "T": 0.9},
+            train={"iterations": 2, "eval_every": 2, "log_every": 1},
+        )
+    )
+    train(cfg, progress=False)
+    records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["split"] == "train"]
+    last = records[-1]
+    assert math.isfinite(last["loss"])
+    shares = [last[k] for k in ("fpl/k1", "fpl/k2", "fpl/k3", "fpl/k4+")]
+    assert sum(shares) == pytest.approx(1.0, abs=1e-4)
+    assert last["fpl/mean_k"] >= 1
+    assert sum(last.get(f"fpl/case{c}_share", 0.0) for c in (1, 2, 3)) == pytest.approx(1.0, abs=1e-4)
+    assert 0 <= last["fpl/R_case1"] <= 1 + 1e-6
+
+
+def test_fpl_with_one_class_sets_and_no_adaptive_weight_is_the_cross_entropy_step(synthetic_root, tmp_path):
+    """T = 0 makes every set the pseudo label alone (K = 1), so FPL reduces to Eq. 9 = CE."""
+
+    def first_loss(loss_cfg: dict, name: str) -> float:
+        cfg = config_from_dict(
+            tiny_config(
+                synthetic_root,
+                tmp_path / name,
+                scheme={"name": "fixmatch"},
+                policy={"name": "threshold", "threshold": 0.3},
+                loss=loss_cfg,
+                train={"iterations": 1, "eval_every": 1, "log_every": 1},
+            )
+        )
+        train(cfg, progress=False)
+        return next(r for r in read_metrics(tmp_path / name / "metrics.jsonl") if r["split"] == "train")["loss_s"]
+
+    ce = first_loss({"name": "ce"}, "ce")
+    fpl = first_loss({"name": "fpl", "T": 0.0, "adaptive_weight": "none"}, "fpl")
+    assert fpl == pytest.approx(ce, rel=1e-5)
+    # The official CPS rescaling keeps FPL's gradient direction but reports the CE value.
+    rescaled = first_loss({"name": "fpl", "T": 0.95, "adaptive_weight": "none", "rescale": True}, "rescaled")
+    assert rescaled == pytest.approx(ce, rel=1e-5)
+    assert first_loss({"name": "fpl", "T": 0.95, "adaptive_weight": "none"}, "plain") != pytest.approx(ce, rel=1e-3)

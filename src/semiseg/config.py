@@ -121,6 +121,26 @@ class PolicyConfig:
 
 
 @dataclass
+class LossConfig:
+    """How the student learns from the pseudo labels of unlabeled pixels (semiseg.losses)."""
+
+    name: Literal["ce", "fpl"] = "ce"
+    """'ce': cross-entropy with the policy's target; 'fpl': FPL's fuzzy positive loss (Eq. 7)
+    on the top-K set of the teacher (Alg. 1), times the policy's weight."""
+    T: float = 0.9
+    """FPL's cumulative probability bound (paper: 0.85, 0.9 or 0.95)."""
+    adaptive_weight: Literal["concave", "linear", "convex", "none"] = "concave"
+    """FPL's per-pixel weight: Eq. 11 (concave), Eq. 16 (linear, convex), or none."""
+    A: float = 50.0
+    """Steepness of the concave adaptive weight (Eq. 11)."""
+    variant: Literal["paper", "official"] = "paper"
+    """FPL as in the paper or as in its released code (K <= 3, >= T, top-(K+1) mean; see METHODS)."""
+    rescale: bool = False
+    """Scale the FPL loss by the detached ratio CE / FPL so its value equals the cross-entropy
+    loss, as the released CPS code does (the gradient direction stays FPL's)."""
+
+
+@dataclass
 class TrainConfig:
     iterations: int = 1000
     eval_every: int = 200
@@ -149,6 +169,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     scheme: SchemeConfig = field(default_factory=SchemeConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = "runs/default"
@@ -167,6 +188,9 @@ class Config:
             positive["data.unlabeled_batch_size"] = self.data.unlabeled_batch_size
         if self.train.checkpoint_every is not None:
             positive["train.checkpoint_every"] = self.train.checkpoint_every
+        positive["loss.A"] = self.loss.A
+        if not 0.0 <= self.loss.T <= 1.0:
+            raise ConfigError(f"loss.T must be in [0, 1], got {self.loss.T}")
         for key, value in positive.items():
             if value <= 0:
                 raise ConfigError(f"{key} must be positive, got {value}")

@@ -29,7 +29,7 @@ from semiseg.checkpoint import (
     save_atomic,
     seed_everything,
 )
-from semiseg.config import Config, config_to_dict, save_config
+from semiseg.config import Config, ConfigError, config_from_dict, config_to_dict, save_config
 from semiseg.data.dataset import SegmentationDataset, check_samples
 from semiseg.data.formats import DataError, DatasetFormat, Sample, get_format
 from semiseg.data.sampling import ResumableSampler, ShardSampler
@@ -184,6 +184,15 @@ def poly_factor(iteration: int, total: int, power: float) -> float:
     return (1.0 - iteration / total) ** power
 
 
+def _with_defaults(saved: dict) -> dict:
+    """A saved config with options added since it was written filled in by their defaults, so a
+    run resumes under a newer semiseg; one that no longer parses is compared as it is."""
+    try:
+        return config_to_dict(config_from_dict(saved))
+    except ConfigError:
+        return saved
+
+
 def _config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     keys = sorted(set(old) | set(new))
     out = []
@@ -335,7 +344,7 @@ class Trainer:
 
     def _resume(self, path: Path) -> None:
         ckpt = load_checkpoint(path, map_location=self.ctx.device)
-        changed = [k for k in _config_differences(ckpt["config"], config_to_dict(self.cfg)) if k not in RESUMABLE_CHANGES]
+        changed = [k for k in _config_differences(_with_defaults(ckpt["config"]), config_to_dict(self.cfg)) if k not in RESUMABLE_CHANGES]
         if changed:
             raise RuntimeError(
                 f"{path} was written by a run with a different config (differs in: {', '.join(changed)}); "

@@ -34,11 +34,14 @@ class PseudoLabels:
     weight: [B,H,W] float32 loss weight; 0 means unused. Step policies give exactly 0 or 1.
     confidence: [B,H,W] float32, the max probability the decision was taken on (kept on
         invalid pixels too; mask it with the valid map before averaging).
+    positive: [B,C,H,W] bool fuzzy positive sets (FPL) when the unlabeled loss learns from a
+        set of classes per pixel instead of `target`; None for ordinary cross-entropy.
     """
 
     target: Tensor
     weight: Tensor
     confidence: Tensor
+    positive: Tensor | None = None
 
 
 def _identity(tensor: Tensor) -> Tensor:

@@ -51,7 +51,12 @@ class CPSScheme(SemiScheme):
         for name, other in zip(self.model_names, reversed(self.model_names), strict=True):
             logits_x, logits_u = logits[name]
             losses[f"loss_x_{name}"] = cross_entropy(logits_x, y)
-            losses[f"loss_u_{name}"] = self.cutmix_loss(logits_u, *labels[other], u["valid"], mix["valid"], box)
+            # The first student's scores stand for the pair, like its policy diagnostics.
+            oracle = u.get("oracle_mask") if name == "student" else None
+            losses[f"loss_u_{name}"], scores = self.cutmix_loss(
+                logits_u, *labels[other], u["valid"], mix["valid"], box, oracle
+            )
+            logs.update(scores)
         total = sum(losses[f"loss_x_{n}"] + self.cfg.scheme.unsup_weight * losses[f"loss_u_{n}"] for n in self.model_names)
         logs.update({k: v.detach() for k, v in losses.items()})
         return StepOutput(total, logs)

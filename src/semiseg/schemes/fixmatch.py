@@ -30,7 +30,9 @@ class FixMatchScheme(SemiScheme):
         self.policy.update(softmax(logits_x), y)
         pl, pl_mix = self.label(softmax(logits_w), unlabeled["valid"], probs_mix, mix["valid"])
         loss_x = cross_entropy(logits_x, y)
-        loss_s = self.cutmix_loss(logits_s, pl, pl_mix, unlabeled["valid"], mix["valid"], unlabeled["box1"])
-        logs = {"loss_x": loss_x.detach(), "loss_s": loss_s.detach()}
+        loss_s, logs = self.cutmix_loss(
+            logits_s, pl, pl_mix, unlabeled["valid"], mix["valid"], unlabeled["box1"], unlabeled.get("oracle_mask")
+        )
+        logs.update({"loss_x": loss_x.detach(), "loss_s": loss_s.detach()})
         logs.update(self.diagnostics(pl, unlabeled["valid"], unlabeled.get("oracle_mask")))
         return StepOutput((loss_x + loss_s) / 2, logs)

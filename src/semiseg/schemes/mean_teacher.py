@@ -39,8 +39,8 @@ class MeanTeacherScheme(SemiScheme):
         self.policy.update(softmax(logits_x), y)
         pl, pl_mix = self.label(probs_w, u["valid"], probs_mix, mix["valid"])
         loss_x = cross_entropy(logits_x, y)
-        loss_u = self.cutmix_loss(logits_s, pl, pl_mix, u["valid"], mix["valid"], u["box1"])
-        logs = {"loss_x": loss_x.detach(), "loss_u": loss_u.detach()}
+        loss_u, logs = self.cutmix_loss(logits_s, pl, pl_mix, u["valid"], mix["valid"], u["box1"], u.get("oracle_mask"))
+        logs.update({"loss_x": loss_x.detach(), "loss_u": loss_u.detach()})
         logs.update(self.diagnostics(pl, u["valid"], u.get("oracle_mask")))
         return StepOutput(loss_x + self.cfg.scheme.unsup_weight * loss_u, logs)
 

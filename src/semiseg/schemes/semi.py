@@ -15,9 +15,18 @@ import torch
 from torch import Tensor, nn
 
 from semiseg.config import Config
-from semiseg.losses import weighted_cross_entropy
+from semiseg.losses import fuzzy_positive_loss, weighted_cross_entropy
 from semiseg.pseudo import Policy, PseudoLabels
+from semiseg.pseudo.fpl import (
+    adaptive_weight,
+    fuzzy_positive_mask,
+    gradient_score_cases,
+    positive_gradient_score,
+)
 from semiseg.schemes.base import Scheme
+
+FPL_K_BINS = 4
+"""K histogram bins logged for FPL: K = 1, 2, 3 and >= 4 (the paper's Fig. 4a)."""
 
 
 def paste(base: Tensor, source: Tensor, box: Tensor) -> Tensor:
@@ -39,28 +48,73 @@ class SemiScheme(Scheme):
         self.policy: Policy = policy
 
     def label(self, probs: Tensor, valid: Tensor, probs_mix: Tensor, valid_mix: Tensor) -> tuple[PseudoLabels, PseudoLabels]:
-        """One policy call on the batch and its CutMix source, so statistics see both at once."""
-        both = self.policy(torch.cat([probs, probs_mix]), torch.cat([valid, valid_mix]))
+        """One policy call on the batch and its CutMix source, so statistics see both at once.
+
+        With the FPL loss (`loss.name: fpl`) the pseudo labels also carry each pixel's fuzzy
+        positive set, taken from the teacher's probabilities as they are (before any
+        alignment a policy applies), and the policy's weight is multiplied by FPL's adaptive
+        weight: DAW + FPL uses FPL only on the pixels DAW keeps.
+        """
+        probs_all = torch.cat([probs, probs_mix])
+        both = self.policy(probs_all, torch.cat([valid, valid_mix]))
+        loss_cfg = self.cfg.loss
+        if loss_cfg.name == "fpl":
+            positive = fuzzy_positive_mask(probs_all, loss_cfg.T, loss_cfg.variant)
+            weight = both.weight
+            if loss_cfg.adaptive_weight != "none":
+                weight = weight * adaptive_weight(
+                    probs_all, positive, loss_cfg.A, loss_cfg.adaptive_weight, loss_cfg.variant
+                )
+            both = PseudoLabels(both.target, weight, both.confidence, positive)
         n = probs.shape[0]
-        first = PseudoLabels(both.target[:n], both.weight[:n], both.confidence[:n])
-        second = PseudoLabels(both.target[n:], both.weight[n:], both.confidence[n:])
-        return first, second
+        return _rows(both, slice(None, n)), _rows(both, slice(n, None))
 
     @staticmethod
     def mixed(pl: PseudoLabels, pl_mix: PseudoLabels, box: Tensor) -> PseudoLabels:
+        positive = None
+        if pl.positive is not None and pl_mix.positive is not None:
+            positive = paste(pl.positive, pl_mix.positive, box)
         return PseudoLabels(
             paste(pl.target, pl_mix.target, box),
             paste(pl.weight, pl_mix.weight, box),
             paste(pl.confidence, pl_mix.confidence, box),
+            positive,
         )
 
+    def unlabeled_loss(self, logits: Tensor, pl: PseudoLabels, valid: Tensor) -> Tensor:
+        """sum(per-pixel loss * weight) / #valid pixels: cross-entropy with the pseudo label, or
+        FPL's fuzzy positive loss (Eq. 7) when the pseudo labels carry positive sets."""
+        weight = pl.weight * valid
+        ce = weighted_cross_entropy(logits, pl.target, weight, valid)
+        if pl.positive is None:
+            return ce
+        fpl = (fuzzy_positive_loss(logits, pl.positive) * weight).sum() / valid.sum().clamp(min=1)
+        if self.cfg.loss.rescale:
+            fpl = fpl * (ce.detach() / fpl.detach().clamp(min=1e-12))
+        return fpl
+
     def cutmix_loss(
-        self, logits: Tensor, pl: PseudoLabels, pl_mix: PseudoLabels, valid: Tensor, valid_mix: Tensor, box: Tensor
-    ) -> Tensor:
-        """Unlabeled loss of a CutMix view: targets, weights and valid pixels pasted with `box`."""
+        self,
+        logits: Tensor,
+        pl: PseudoLabels,
+        pl_mix: PseudoLabels,
+        valid: Tensor,
+        valid_mix: Tensor,
+        box: Tensor,
+        oracle: Tensor | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor | float]]:
+        """Unlabeled loss of a CutMix view: targets, weights and valid pixels pasted with `box`.
+
+        With `oracle` (the unlabeled batch's ground truth, under `scheme.oracle_eval`) and the
+        FPL loss, also FPL's positive gradient scores on the pixels outside the box.
+        """
         target = self.mixed(pl, pl_mix, box)
         valid_view = paste(valid, valid_mix, box)
-        return weighted_cross_entropy(logits, target.target, target.weight * valid_view, valid_view)
+        logs: dict[str, Tensor | float] = {}
+        if oracle is not None and target.positive is not None:
+            # The pasted source batch has no ground truth.
+            logs = fpl_gradient_scores(logits.detach(), target, oracle.masked_fill(box | ~valid_view, 255))
+        return self.unlabeled_loss(logits, target, valid_view), logs
 
     def diagnostics(self, pl: PseudoLabels, valid: Tensor, oracle: Tensor | None) -> dict[str, Tensor | float]:
         """Fraction of valid pixels used, their mean weight, the policy's own scalars and, under
@@ -74,6 +128,8 @@ class SemiScheme(Scheme):
             "mean_confidence": (pl.confidence * valid_f).sum() / n_valid,
         }
         logs.update({f"policy/{k}": v for k, v in self.policy.diagnostics().items()})
+        if pl.positive is not None:
+            logs.update(fpl_k_histogram(pl.positive, valid))
         if oracle is not None:
             known = valid & (oracle != 255)
             correct = pl.target == oracle
@@ -89,6 +145,41 @@ class SemiScheme(Scheme):
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.policy.load_state_dict(state["policy"])
+
+
+def _rows(pl: PseudoLabels, rows: slice) -> PseudoLabels:
+    positive = pl.positive[rows] if pl.positive is not None else None
+    return PseudoLabels(pl.target[rows], pl.weight[rows], pl.confidence[rows], positive)
+
+
+def fpl_k_histogram(positive: Tensor, valid: Tensor) -> dict[str, Tensor]:
+    """Share of valid pixels with K = 1, 2, 3 and >= 4 fuzzy positive classes, and the mean K."""
+    k = positive.sum(dim=1)[valid]
+    n = max(k.numel(), 1)
+    logs = {f"fpl/k{j}": (k == j).sum() / n for j in range(1, FPL_K_BINS)}
+    logs[f"fpl/k{FPL_K_BINS}+"] = (k >= FPL_K_BINS).sum() / n
+    logs["fpl/mean_k"] = k.float().sum() / n
+    return logs
+
+
+def fpl_gradient_scores(logits: Tensor, pl: PseudoLabels, oracle: Tensor) -> dict[str, Tensor | float]:
+    """Mean positive gradient score R (Eq. 12) of FPL and of cross-entropy with the pseudo label
+    (R^v), per case of Sec. 3.4 (1: pseudo label right, 2: wrong but the truth is in the set,
+    3: the truth is outside it), with each case's share of the pixels that have ground truth."""
+    assert pl.positive is not None
+    case = gradient_score_cases(pl.target, pl.positive, oracle)
+    r_fpl = positive_gradient_score(logits, pl.positive, oracle)
+    one_hot = torch.zeros_like(pl.positive).scatter(1, pl.target.clamp(max=pl.positive.shape[1] - 1)[:, None], True)
+    r_ce = positive_gradient_score(logits, one_hot, oracle)
+    known = (case > 0).sum()
+    logs: dict[str, Tensor | float] = {}
+    for c in (1, 2, 3):
+        part = case == c
+        count = part.sum()
+        logs[f"fpl/case{c}_share"] = count / known if known > 0 else float("nan")
+        logs[f"fpl/R_case{c}"] = r_fpl[part].mean() if count > 0 else float("nan")
+        logs[f"fpl/R_ce_case{c}"] = r_ce[part].mean() if count > 0 else float("nan")
+    return logs
 
 
 def softmax(logits: Tensor) -> Tensor:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from semiseg.losses import cross_entropy, weighted_cross_entropy
+from semiseg.losses import cross_entropy
 from semiseg.schemes.base import StepOutput
 from semiseg.schemes.semi import SemiScheme, paste, softmax
 
@@ -41,10 +41,12 @@ class UniMatchScheme(SemiScheme):
         self.policy.update(softmax(logits_x), y)
         pl, pl_mix = self.label(softmax(logits_w), u["valid"], probs_mix, mix["valid"])
         losses = {"loss_x": cross_entropy(logits_x, y)}
-        for key, logits, box in (("loss_s1", logits_s1, u["box1"]), ("loss_s2", logits_s2, u["box2"])):
-            losses[key] = self.cutmix_loss(logits, pl, pl_mix, u["valid"], mix["valid"], box)
-        losses["loss_fp"] = weighted_cross_entropy(logits_fp, pl.target, pl.weight * u["valid"], u["valid"])
+        losses["loss_s1"], logs = self.cutmix_loss(
+            logits_s1, pl, pl_mix, u["valid"], mix["valid"], u["box1"], u.get("oracle_mask")
+        )
+        losses["loss_s2"], _ = self.cutmix_loss(logits_s2, pl, pl_mix, u["valid"], mix["valid"], u["box2"])
+        losses["loss_fp"] = self.unlabeled_loss(logits_fp, pl, u["valid"])
         loss = (losses["loss_x"] + 0.25 * losses["loss_s1"] + 0.25 * losses["loss_s2"] + 0.5 * losses["loss_fp"]) / 2
-        logs = {k: v.detach() for k, v in losses.items()}
+        logs.update({k: v.detach() for k, v in losses.items()})
         logs.update(self.diagnostics(pl, u["valid"], u.get("oracle_mask")))
         return StepOutput(loss, logs)
