@@ -9,10 +9,12 @@ import torch
 from conftest import crash_at, tiny_config
 
 from semiseg.checkpoint import load_checkpoint
+from semiseg.cli import main
 from semiseg.config import config_from_dict
 from semiseg.engine import Trainer, train
 from semiseg.metrics_log import read_metrics
 from semiseg.schemes.semi import paste
+from semiseg.snapshots import load_k_maps
 
 SEMI = ["fixmatch", "unimatch", "mean_teacher", "cps"]
 
@@ -103,6 +105,13 @@ def test_fpl_loss_trains_every_scheme_and_logs_k_and_gradient_scores(synthetic_r
     assert last["fpl/mean_k"] >= 1
     assert sum(last.get(f"fpl/case{c}_share", 0.0) for c in (1, 2, 3)) == pytest.approx(1.0, abs=1e-4)
     assert 0 <= last["fpl/R_case1"] <= 1 + 1e-6
+
+    snapshots = load_k_maps(tmp_path / "run")
+    assert [s["iteration"] for s in snapshots] == [2]
+    assert snapshots[0]["k"].shape == snapshots[0]["images"].shape[:3] and snapshots[0]["k"].min() >= 1
+    assert main(["plot", str(tmp_path / "run")]) == 0
+    for name in ("fpl_k_histogram.png", "fpl_k_maps.png", "fpl_gradient_scores.png"):
+        assert (tmp_path / "run" / "plots" / name).is_file(), name
 
 
 def test_fpl_with_one_class_sets_and_no_adaptive_weight_is_the_cross_entropy_step(synthetic_root, tmp_path):

@@ -49,6 +49,7 @@ from semiseg.metrics_log import MetricsLogger
 from semiseg.models import build_model
 from semiseg.pseudo import Policy, build_policy
 from semiseg.schemes import Scheme, get_scheme, unwrap
+from semiseg.snapshots import save_fpl_k_maps
 
 # Keys that change how a run is executed or reported but not what it computes, so a
 # resumed run may change them.
@@ -394,6 +395,10 @@ class Trainer:
         if logger is None:
             return
         logger.log(self.iteration, "val", scores.as_dict(self.data.class_names))
+        if self.cfg.loss.name == "fpl" and self.data.unlabeled:
+            save_fpl_k_maps(
+                self.scheme.eval_model(), self.data.unlabeled, self.data.fmt, self.cfg, self.iteration, self.ctx.device
+            )
         if improved:
             ckpt = self._checkpoint(with_optimizer=False)
             ckpt["scores"] = scores.as_dict(self.data.class_names)

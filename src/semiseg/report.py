@@ -4,7 +4,11 @@
 - `daw_fits.png`: the truncated Gaussians of correct (positive) and incorrect (negative)
   confidences on [1/C, 1], with t*, at chosen iterations (DAW paper Fig. 2/4 style);
 - `pseudo_labels.png`: t*, the fraction of unlabeled pixels used, and (under
-  `scheme.oracle_eval`) the accuracy of used and discarded pseudo labels over training.
+  `scheme.oracle_eval`) the accuracy of used and discarded pseudo labels over training;
+- FPL runs: `fpl_k_histogram.png` (share of pixels per K over training, Fig. 4a),
+  `fpl_k_maps.png` (K maps of a few unlabeled images across training, Fig. 5) and, under
+  `scheme.oracle_eval`, `fpl_gradient_scores.png` (mean R of FPL vs cross-entropy per case,
+  Fig. 3b).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from scipy.stats import truncnorm
 
 from semiseg.files import atomic_write
 from semiseg.metrics_log import read_metrics
+from semiseg.snapshots import load_k_maps
 
 FIT_KEYS = ("policy/mu_pos", "policy/sigma_pos", "policy/mu_neg", "policy/sigma_neg", "policy/t")
 
@@ -99,6 +104,82 @@ def plot_pseudo_label_curves(records: list[dict], out: Path) -> Path:
     return path
 
 
+K_KEYS = ("fpl/k1", "fpl/k2", "fpl/k3", "fpl/k4+")
+
+
+def plot_fpl_k_histogram(records: list[dict], out: Path) -> Path:
+    """Share of unlabeled pixels with K = 1, 2, 3, >= 4 over training (FPL Fig. 4a), stacked."""
+    train = [r for r in records if r["split"] == "train" and all(k in r for k in K_KEYS)]
+    if not train:
+        raise ValueError("no FPL K statistics (fpl/k1, ...) in this run's metrics: was it trained with loss.name=fpl?")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    steps = [r["iteration"] for r in train]
+    ax.stackplot(steps, *[[r[k] for r in train] for k in K_KEYS], labels=["K=1", "K=2", "K=3", "K>=4"])
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("share of unlabeled pixels")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path = out / "fpl_k_histogram.png"
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def plot_fpl_gradient_scores(records: list[dict], out: Path) -> Path:
+    """Mean positive gradient score R of FPL and of cross-entropy per case (FPL Fig. 3b),
+    averaged over the logged training steps."""
+    train = [r for r in records if r["split"] == "train"]
+    means = {}
+    for name in ("R", "R_ce"):
+        for case in (1, 2, 3):
+            values = [r[f"fpl/{name}_case{case}"] for r in train if np.isfinite(r.get(f"fpl/{name}_case{case}", np.nan))]
+            means[name, case] = float(np.mean(values)) if values else np.nan
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    cases = np.arange(1, 4)
+    ax.bar(cases - 0.18, [means["R_ce", c] for c in cases], width=0.36, label="cross-entropy (R^v)", color="#8d99ae")
+    ax.bar(cases + 0.18, [means["R", c] for c in cases], width=0.36, label="FPL (R^f)", color="#e76f51")
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(cases, ["1: PL right", "2: truth in set", "3: truth outside"])
+    ax.set_ylabel("mean positive gradient score R")
+    ax.set_ylim(-1, 1)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "fpl_gradient_scores.png"
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def plot_fpl_k_maps(snapshots: list[dict], out: Path, columns: int = 4) -> Path:
+    """K-value maps of a few unlabeled images at evaluations across training (FPL Fig. 5):
+    one row per image, the image first, then its K map at up to `columns` iterations."""
+    if not snapshots:
+        raise ValueError("no FPL K-map snapshots in this run (RUN/fpl_kmaps is empty)")
+    picks = np.linspace(0, len(snapshots) - 1, num=min(columns, len(snapshots))).round().astype(int)
+    chosen = [snapshots[i] for i in sorted(set(picks))]
+    rows = chosen[0]["images"].shape[0]
+    plt = _pyplot()
+    fig, axes = plt.subplots(rows, len(chosen) + 1, figsize=(2.6 * (len(chosen) + 1), 2.1 * rows), squeeze=False)
+    cmap = plt.get_cmap("viridis", 4)
+    for row in range(rows):
+        axes[row, 0].imshow(chosen[0]["images"][row])
+        for col, snap in enumerate(chosen, start=1):
+            shown = axes[row, col].imshow(np.minimum(snap["k"][row], 4), cmap=cmap, vmin=0.5, vmax=4.5)
+            if row == 0:
+                axes[row, col].set_title(f"K, iteration {snap['iteration']}", fontsize=9)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    colorbar = fig.colorbar(shown, ax=axes, ticks=[1, 2, 3, 4], fraction=0.02)
+    colorbar.ax.set_yticklabels(["1", "2", "3", ">=4"])
+    path = out / "fpl_k_maps.png"
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
 def plot_run(run: Path, num_classes: int, iterations: Sequence[int] | None = None) -> list[Path]:
     """Write every figure this run's metrics support; returns their paths."""
     records = read_metrics(run / "metrics.jsonl")
@@ -106,4 +187,11 @@ def plot_run(run: Path, num_classes: int, iterations: Sequence[int] | None = Non
     paths = [plot_pseudo_label_curves(records, out)]
     if any("policy/mu_pos" in r for r in records):
         paths.append(plot_daw_fits(records, num_classes, out, iterations))
+    if any("fpl/k1" in r for r in records):
+        paths.append(plot_fpl_k_histogram(records, out))
+    if any("fpl/R_case1" in r for r in records):
+        paths.append(plot_fpl_gradient_scores(records, out))
+    snapshots = load_k_maps(run)
+    if snapshots:
+        paths.append(plot_fpl_k_maps(snapshots, out))
     return paths
