@@ -60,8 +60,8 @@ def test_bench_runs_the_grid_then_reuses_finished_runs(synthetic_root, tmp_path,
         )
     )
     assert main(["bench", str(grid), "--no-progress"]) == 0
-    assert (out / "results.md").is_file() and (out / "results.png").is_file()
-    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert (out / "tiny.md").is_file() and (out / "tiny.png").is_file()
+    rows = list(csv.DictReader((out / "tiny.csv").open()))
     assert [r["method"] for r in rows] == ["supervised", "fixmatch"]
     assert all(r["seeds"] == "2" for r in rows)
     finished = (out / "fixmatch" / "seed1" / "final.json").stat().st_mtime_ns
@@ -92,5 +92,5 @@ def test_seed_placeholder_and_run_selection(synthetic_root, tmp_path, capsys):
     assert main(["bench", str(grid), "--no-progress", "--methods", "other", "--seeds", "1"]) == 0
     assert (out / "other" / "seed1" / "final.json").is_file()
     assert not (out / "supervised").exists() and not (out / "other" / "seed0").exists()
-    rows = list(csv.DictReader((out / "results.csv").open()))
+    rows = list(csv.DictReader((out / "tiny.csv").open()))
     assert [(r["method"], r["seeds"]) for r in rows] == [("other", "1")]

@@ -16,7 +16,9 @@ Each run lives in OUTPUT_DIR/METHOD/seedN. A finished run (final.json at the con
 iteration count) is read, not retrained; an unfinished one resumes from its checkpoint.
 ``{seed}`` in an override is replaced by the run's seed. ``--methods``/``--seeds`` restrict
 which runs this process trains (e.g. one process per GPU); the table (markdown + CSV) and a
-bar plot in OUTPUT_DIR always cover every finished run of the grid, with the seed count per row.
+bar plot (OUTPUT_DIR/NAME.md, .csv, .png) always cover every finished run of the grid, with
+the seed count per row. Grids may share OUTPUT_DIR: a method with the same overrides in two
+grids is the same run, trained once.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +70,8 @@ def load_grid(path: str | Path) -> BenchGrid:
             raise ConfigError(f"{path}: methods.{method} must be a list of key=value strings")
     if grid.baseline is not None and grid.baseline not in grid.methods:
         raise ConfigError(f"{path}: baseline {grid.baseline!r} is not one of the methods {list(grid.methods)}")
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", grid.name):
+        raise ConfigError(f"{path}: name {grid.name!r} names the table files: use letters, digits, '.', '_', '-'")
     if not grid.seeds:
         raise ConfigError(f"{path}: seeds must not be empty")
     return grid
@@ -202,14 +207,14 @@ def markdown_table(grid: BenchGrid, rows: list[dict]) -> str:
 def write_report(grid: BenchGrid, rows: list[dict], command: str) -> Path:
     out = Path(grid.output_dir)
     header = f"# {grid.name}\n\nBase config `{grid.base}`, seeds {grid.seeds}.\n\nCommand: `{command}`\n\n"
-    atomic_write_text(out / "results.md", header + markdown_table(grid, rows))
+    atomic_write_text(out / f"{grid.name}.md", header + markdown_table(grid, rows))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_text(out / "results.csv", buffer.getvalue())
-    _bar_plot(grid, rows, out / "results.png")
-    return out / "results.md"
+    atomic_write_text(out / f"{grid.name}.csv", buffer.getvalue())
+    _bar_plot(grid, rows, out / f"{grid.name}.png")
+    return out / f"{grid.name}.md"
 
 
 def _bar_plot(grid: BenchGrid, rows: list[dict], path: Path) -> None:
