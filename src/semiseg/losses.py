@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from semiseg.pseudo.fpl import check_positive_mask
+
 
 def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = 255) -> Tensor:
     """Mean cross-entropy over non-ignored pixels; 0 (with a graph) when every pixel is ignored.
@@ -46,11 +48,7 @@ def fuzzy_positive_loss(logits: Tensor, positive_mask: Tensor, reduction: str = 
     """
     if reduction not in ("none", "mean", "sum"):
         raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
-    if positive_mask.shape != logits.shape or positive_mask.dtype != torch.bool:
-        raise ValueError(
-            f"positive_mask must be a bool tensor shaped like logits {tuple(logits.shape)}, "
-            f"got {positive_mask.dtype} {tuple(positive_mask.shape)}"
-        )
+    check_positive_mask(positive_mask, logits)
     z = logits.float()
     # A finite stand-in for -inf: logsumexp over an empty side stays finite and its gradient
     # (exp of ~-1e30) is exactly 0, where -inf would give inf - inf = NaN in the backward pass.

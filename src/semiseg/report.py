@@ -35,8 +35,13 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: Path) -> None:
+def _save(fig, path: Path, tight: bool = True) -> Path:
+    """Write `fig` to `path` atomically and close it (a colorbar spanning axes needs tight=False)."""
+    if tight:
+        fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    _pyplot().close(fig)
+    return path
 
 
 def truncated_pdf(x: np.ndarray, mu: float, sigma: float, low: float, high: float = 1.0) -> np.ndarray:
@@ -71,11 +76,7 @@ def plot_daw_fits(records: list[dict], num_classes: int, out: Path, iterations: 
         ax.set_xlabel("confidence")
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("density")
-    fig.tight_layout()
-    path = out / "daw_fits.png"
-    _save(fig, path)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "daw_fits.png")
 
 
 def plot_pseudo_label_curves(records: list[dict], out: Path) -> Path:
@@ -97,11 +98,7 @@ def plot_pseudo_label_curves(records: list[dict], out: Path) -> Path:
     ax.set_xlabel("iteration")
     ax.set_ylim(0, 1.02)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "pseudo_labels.png"
-    _save(fig, path)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "pseudo_labels.png")
 
 
 K_KEYS = ("fpl/k1", "fpl/k2", "fpl/k3", "fpl/k4+")
@@ -120,11 +117,7 @@ def plot_fpl_k_histogram(records: list[dict], out: Path) -> Path:
     ax.set_ylabel("share of unlabeled pixels")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    path = out / "fpl_k_histogram.png"
-    _save(fig, path)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "fpl_k_histogram.png")
 
 
 def plot_fpl_gradient_scores(records: list[dict], out: Path) -> Path:
@@ -146,11 +139,7 @@ def plot_fpl_gradient_scores(records: list[dict], out: Path) -> Path:
     ax.set_ylabel("mean positive gradient score R")
     ax.set_ylim(-1, 1)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "fpl_gradient_scores.png"
-    _save(fig, path)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "fpl_gradient_scores.png")
 
 
 def plot_fpl_k_maps(snapshots: list[dict], out: Path, columns: int = 4) -> Path:
@@ -174,10 +163,7 @@ def plot_fpl_k_maps(snapshots: list[dict], out: Path, columns: int = 4) -> Path:
         ax.set_axis_off()
     colorbar = fig.colorbar(shown, ax=axes, ticks=[1, 2, 3, 4], fraction=0.02)
     colorbar.ax.set_yticklabels(["1", "2", "3", ">=4"])
-    path = out / "fpl_k_maps.png"
-    _save(fig, path)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "fpl_k_maps.png", tight=False)
 
 
 def plot_run(run: Path, num_classes: int, iterations: Sequence[int] | None = None) -> list[Path]:

@@ -35,6 +35,15 @@ def _check_variant(variant: str) -> None:
         raise ValueError(f"variant must be 'paper' or 'official', got {variant!r}")
 
 
+def check_positive_mask(positive_mask: Tensor, like: Tensor) -> None:
+    """Raise ValueError unless `positive_mask` is a bool tensor of `like`'s [B,C,H,W] shape."""
+    if positive_mask.shape != like.shape or positive_mask.dtype != torch.bool:
+        raise ValueError(
+            f"positive_mask must be a bool tensor of shape {tuple(like.shape)}, "
+            f"got {positive_mask.dtype} {tuple(positive_mask.shape)}"
+        )
+
+
 def fuzzy_positive_mask(probs: Tensor, T: float, variant: Variant = "paper") -> Tensor:
     """The fuzzy positive label set of every pixel (Alg. 1), as a bool mask [B,C,H,W].
 
@@ -109,11 +118,7 @@ def adaptive_weight(
     _check_variant(variant)
     if shape not in ("concave", "linear", "convex"):
         raise ValueError(f"shape must be 'concave', 'linear' or 'convex', got {shape!r}")
-    if positive_mask.shape != probs.shape or positive_mask.dtype != torch.bool:
-        raise ValueError(
-            f"positive_mask must be a bool tensor shaped like probs {tuple(probs.shape)}, "
-            f"got {positive_mask.dtype} {tuple(positive_mask.shape)}"
-        )
+    check_positive_mask(positive_mask, probs)
     probs = probs.float()
     k = positive_mask.sum(dim=1).float()
     positive_sum = (probs * positive_mask).sum(dim=1)
