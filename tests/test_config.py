@@ -111,3 +111,11 @@ def test_atomic_writes_get_ordinary_permissions(tmp_path: Path):
     assert target.read_text() == "x"
     assert target.stat().st_mode & 0o777 == 0o666 & ~mask
     assert not list(tmp_path.glob(".f.txt.*"))
+
+
+def test_fpl_under_a_threshold_above_t_warns():
+    raw = {**BASE, "policy": {"name": "threshold", "threshold": 0.95}, "loss": {"name": "fpl", "T": 0.9}}
+    with pytest.warns(UserWarning, match="K = 1"):
+        config_from_dict(raw)
+    with pytest.raises(ConfigError, match="loss.T must be in"):
+        config_from_dict({**BASE, "loss": {"name": "fpl", "T": 1.5}})

@@ -114,6 +114,7 @@ def test_fpl_loss_trains_every_scheme_and_logs_k_and_gradient_scores(synthetic_r
         assert (tmp_path / "run" / "plots" / name).is_file(), name
 
 
+@pytest.mark.filterwarnings("ignore:policy.threshold")  # T = 0 is below any threshold, on purpose
 def test_fpl_with_one_class_sets_and_no_adaptive_weight_is_the_cross_entropy_step(synthetic_root, tmp_path):
     """T = 0 makes every set the pseudo label alone (K = 1), so FPL reduces to Eq. 9 = CE."""
 

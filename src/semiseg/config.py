@@ -12,6 +12,7 @@ import dataclasses
 import os
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -191,6 +192,13 @@ class Config:
         positive["loss.A"] = self.loss.A
         if not 0.0 <= self.loss.T <= 1.0:
             raise ConfigError(f"loss.T must be in [0, 1], got {self.loss.T}")
+        if self.loss.name == "fpl" and self.policy.name == "threshold" and self.policy.threshold >= self.loss.T:
+            warnings.warn(
+                f"policy.threshold {self.policy.threshold} >= loss.T {self.loss.T}: every pixel the threshold "
+                "keeps has K = 1, so FPL reduces to (adaptively weighted) cross-entropy; use policy.name="
+                "pseudo_label or a lower threshold",
+                stacklevel=2,
+            )
         for key, value in positive.items():
             if value <= 0:
                 raise ConfigError(f"{key} must be positive, got {value}")
