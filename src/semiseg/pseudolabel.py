@@ -1,0 +1,391 @@
+"""`semiseg pseudo-label`: offline pseudo labels for a whole unlabeled set, in bounded memory.
+
+Four passes over the set, each resumable, each holding one image at a time:
+
+1. predict: the teacher labels every image (logits averaged over a horizontal flip, divided
+   by the temperature, softmax); its class and confidence (float16) go to OUT/cache/;
+2. histogram: per-class counts of the float16 confidences (`ConfidenceHistogram`) give the
+   generator's thresholds exactly, as sorting the whole set would;
+3. allot (DARS): how many of each over-full class's kept pixels every image keeps, drawn
+   so that class j ends with exactly n_j pixels, a uniformly random subset of its candidates;
+4. write: OUT/labels/NNNNNN_NAME.png (class indices, 255 = ignored), written atomically,
+   OUT/list.txt (a split list of image and pseudo mask, for `data.pseudo_labeled`), and
+   OUT/stats.json (targets, thresholds, class counts before/after sampling, KL divergence
+   to the labeled distribution). stats.json is written last: its presence means done.
+
+A killed run starts again where it stopped: cached predictions and written labels are
+kept, and thresholds, allotments and random choices are functions of (seed, image index),
+so the labels are the same as in an uninterrupted run. Under torchrun every process
+predicts and writes its share of the images.
+
+Memory: the largest objects are one image's logits (C x H x W float32) and the histograms
+(C x 15,361 int64); nothing grows with the number of images. Precision: thresholds are
+exact on float16-rounded confidences (relative precision 2^-11, as the official DARS code
+stores them).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import resource
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from semiseg.data.dataset import SegmentationDataset
+from semiseg.data.formats import DatasetFormat, Sample
+from semiseg.data.splits import write_split
+from semiseg.data.transforms import eval_transform
+from semiseg.distributed import DistContext, barrier
+from semiseg.evaluation import predict_logits
+from semiseg.files import atomic_write, atomic_write_text
+from semiseg.pseudo.dars import (
+    ConfidenceHistogram,
+    class_ratio,
+    half_bits,
+    kl_divergence,
+    target_counts,
+)
+
+Method = Literal["st", "cbst", "da", "dars"]
+IGNORE = 255
+NUMPY_HYPERGEOMETRIC_LIMIT = 10**9
+
+
+@dataclass
+class GeneratorSpec:
+    """Which pixels a generator keeps.
+
+    method: 'st' (one threshold, or the top alpha of all pixels), 'cbst' (the top alpha of
+        each predicted class), 'da' (class thresholds for n_j = alpha * pixels * r_j, ties
+        kept) or 'dars' (DA, then random sampling to exactly n_j).
+    alpha: labeling ratio (all but ST with `threshold`).
+    threshold: ST's fixed confidence threshold instead of alpha.
+    temperature: logits are divided by it before the softmax (TS; the paper's T = 1.27).
+    variant: 'official' reproduces the released code: CBST keeps int(alpha * len_j) + 1
+        pixels of class j, DARS samples each image separately (drop int(c - c * s_j) of its
+        c kept class-j pixels, s_j = n_j / kept_j), and the softmax runs in float16.
+    """
+
+    method: Method = "dars"
+    alpha: float | None = 0.2
+    threshold: float | None = None
+    temperature: float = 1.0
+    variant: Literal["paper", "official"] = "paper"
+
+    def __post_init__(self) -> None:
+        if self.method not in ("st", "cbst", "da", "dars"):
+            raise ValueError(f"unknown pseudo-label method {self.method!r}; use st, cbst, da or dars")
+        if self.variant not in ("paper", "official"):
+            raise ValueError(f"variant must be 'paper' or 'official', got {self.variant!r}")
+        if self.method == "st" and (self.alpha is None) == (self.threshold is None):
+            raise ValueError("ST takes exactly one of alpha (a labeling ratio) and threshold")
+        if self.method != "st" and self.alpha is None:
+            raise ValueError(f"{self.method} needs a labeling ratio alpha")
+        if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
+
+
+@dataclass
+class TeacherSpec:
+    """How the teacher predicts: `mode`/`size` as `data.eval_mode`/`eval_size`, plus a flip."""
+
+    mode: str = "none"
+    size: int | None = None
+    flip: bool = True
+
+
+def labeled_class_counts(samples: list[Sample], fmt: DatasetFormat, num_classes: int, progress: bool = True) -> torch.Tensor:
+    """Pixels per class over the labeled masks (255 excluded), int64 [C], one mask at a time."""
+    counts = torch.zeros(num_classes, dtype=torch.int64)
+    for sample in tqdm(samples, desc="labeled class counts", disable=not progress, dynamic_ncols=True):
+        assert sample.mask is not None
+        labels = torch.from_numpy(fmt.load_mask(sample.mask).astype(np.int64)).flatten()
+        labels = labels[labels != IGNORE]
+        counts += torch.bincount(labels, minlength=num_classes)[:num_classes]
+    return counts
+
+
+def _cache_path(out: Path, index: int) -> Path:
+    return out / "cache" / f"{index:06d}.npz"
+
+
+def _label_path(out: Path, index: int, sample: Sample) -> Path:
+    # The index keeps names unique when two folders hold files of the same name.
+    return out / "labels" / f"{index:06d}_{sample.image.stem}.png"
+
+
+def _save_npz(path: Path, **arrays: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(buffer.getvalue()))
+
+
+def _load_cache(out: Path, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    with np.load(_cache_path(out, index)) as data:
+        return torch.from_numpy(data["conf"]), torch.from_numpy(data["pred"])
+
+
+@torch.no_grad()
+def predict_set(
+    model: torch.nn.Module,
+    samples: list[Sample],
+    fmt: DatasetFormat,
+    num_classes: int,
+    out: Path,
+    spec: GeneratorSpec,
+    teacher: TeacherSpec,
+    device: torch.device,
+    ctx: DistContext | None = None,
+    progress: bool = True,
+) -> None:
+    """Pass 1: cache the teacher's class (uint8) and confidence (float16) for this process's
+    share of `samples`, skipping images already cached."""
+    rank, world = (ctx.rank, ctx.world_size) if ctx else (0, 1)
+    transform = eval_transform(teacher.mode, teacher.size)
+    dataset = SegmentationDataset(samples, fmt, transform, with_mask=False)
+    todo = [i for i in range(rank, len(samples), world) if not _cache_path(out, i).is_file()]
+    model.eval()
+    for i in tqdm(todo, desc="teacher predictions", disable=not progress, dynamic_ncols=True):
+        with Image.open(samples[i].image) as img:
+            width, height = img.size
+        image = dataset[i]["image"].unsqueeze(0).to(device)
+        logits = predict_logits(model, image, num_classes, (height, width), teacher.mode, teacher.size)
+        if teacher.flip:
+            flipped = predict_logits(model, image.flip(-1), num_classes, (height, width), teacher.mode, teacher.size)
+            logits = (logits + flipped.flip(-1)) / 2
+        logits = logits.float() / spec.temperature
+        if spec.variant == "official":
+            logits = logits.half()
+        conf, pred = logits.softmax(dim=1)[0].max(dim=0)
+        _save_npz(_cache_path(out, i), conf=conf.half().cpu().numpy(), pred=pred.to(torch.uint8).cpu().numpy())
+
+
+def histogram(out: Path, count: int, num_classes: int) -> ConfidenceHistogram:
+    """Pass 2: per-class confidence histogram of every cached image."""
+    hist = ConfidenceHistogram(num_classes)
+    for i in range(count):
+        conf, pred = _load_cache(out, i)
+        hist.add(conf.float(), pred)
+    return hist
+
+
+@dataclass
+class Plan:
+    """What pass 2 decided: per-class thresholds (None = drop the class), targets n_j (DA and
+    DARS) and the pixels of each class that reach its threshold."""
+
+    thresholds: list[float | None]
+    targets: list[int] | None
+    kept: list[int]
+
+
+def plan_thresholds(spec: GeneratorSpec, hist: ConfidenceHistogram, ratio: torch.Tensor | None) -> Plan:
+    total = int(hist.counts.sum())
+    num_classes = hist.num_classes
+    if spec.method == "st":
+        if spec.threshold is not None:
+            t: float | None = spec.threshold
+        else:
+            assert spec.alpha is not None
+            t, _ = hist.global_threshold(math.floor(spec.alpha * total))
+        thresholds = [t] * num_classes
+        kept = [_count_at_least(hist.counts[j], t) for j in range(num_classes)]
+        return Plan(thresholds, None, kept)
+    assert spec.alpha is not None
+    if spec.method == "cbst":
+        wanted = torch.floor(spec.alpha * hist.class_totals().double()).long()
+        if spec.variant == "official":
+            wanted = wanted + 1
+        thresholds, kept = hist.class_thresholds(wanted)
+        return Plan(thresholds, None, kept.tolist())
+    if ratio is None:
+        raise ValueError(f"{spec.method} needs the labeled class distribution")
+    targets = target_counts(ratio, spec.alpha, total)
+    thresholds, kept = hist.class_thresholds(targets)
+    return Plan(thresholds, targets.tolist(), kept.tolist())
+
+
+def _count_at_least(counts: torch.Tensor, t: float | None) -> int:
+    if t is None:
+        return 0
+    return int(counts[int(half_bits(torch.tensor([t]))[0]) :].sum())
+
+
+def _threshold_tensor(plan: Plan) -> torch.Tensor:
+    return torch.tensor([math.inf if t is None else t for t in plan.thresholds], dtype=torch.float32)
+
+
+def _candidates(conf: torch.Tensor, pred: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """Pixels whose confidence reaches their predicted class's threshold (bool, conf's shape)."""
+    return conf.float() >= thresholds[pred.long()]
+
+
+def allot(out: Path, count: int, spec: GeneratorSpec, plan: Plan, seed: int) -> np.ndarray:
+    """Pass 3 (DARS): kept pixels of each class per image, int64 [N, C].
+
+    Paper variant: image by image, the number of class-j candidates kept follows the
+    hypergeometric law of drawing the image's candidates from those left, with the class's
+    remaining quota as successes, so class j ends with exactly min(n_j, kept_j) pixels and
+    every subset of that size is equally likely. (numpy draws it exactly below 10^9
+    candidates; above, a normal approximation with the same mean and variance, clipped to
+    the feasible range, keeps the total exact.) Official variant: s_j = n_j / kept_j and each
+    image keeps c - int(c - c * s_j) of its c candidates.
+    """
+    assert plan.targets is not None
+    thresholds = _threshold_tensor(plan)
+    num_classes = len(plan.thresholds)
+    per_image = np.zeros((count, num_classes), dtype=np.int64)
+    for i in range(count):
+        conf, pred = _load_cache(out, i)
+        keep = _candidates(conf, pred, thresholds)
+        per_image[i] = np.bincount(pred[keep].long().numpy(), minlength=num_classes)[:num_classes]
+    quota = np.minimum(np.array(plan.targets, dtype=np.int64), per_image.sum(axis=0))
+    if spec.variant == "official":
+        totals = per_image.sum(axis=0)
+        s = np.where(totals > 0, np.minimum(1.0, np.array(plan.targets) / np.maximum(totals, 1)), 1.0)
+        return per_image - (per_image - per_image * s).astype(np.int64)
+    rng = np.random.default_rng(seed)
+    remaining = per_image.sum(axis=0)
+    out_counts = np.zeros_like(per_image)
+    for i in range(count):
+        for j in range(num_classes):
+            c = int(per_image[i, j])
+            if c == 0:
+                continue
+            out_counts[i, j] = _draw_hypergeometric(rng, int(quota[j]), int(remaining[j] - quota[j]), c)
+            quota[j] -= out_counts[i, j]
+            remaining[j] -= c
+    return out_counts
+
+
+def _draw_hypergeometric(rng: np.random.Generator, good: int, bad: int, sample: int) -> int:
+    low, high = max(0, sample - bad), min(sample, good)
+    if low == high:
+        return low
+    if good < NUMPY_HYPERGEOMETRIC_LIMIT and bad < NUMPY_HYPERGEOMETRIC_LIMIT:
+        return int(rng.hypergeometric(good, bad, sample))
+    total = good + bad
+    mean = sample * good / total
+    var = sample * (good / total) * (bad / total) * (total - sample) / max(total - 1, 1)
+    return int(min(high, max(low, round(rng.normal(mean, math.sqrt(var))))))
+
+
+def write_labels(
+    out: Path,
+    samples: list[Sample],
+    plan: Plan,
+    allotment: np.ndarray | None,
+    seed: int,
+    ctx: DistContext | None = None,
+    progress: bool = True,
+) -> None:
+    """Pass 4: this process's share of label PNGs, skipping those already written."""
+    rank, world = (ctx.rank, ctx.world_size) if ctx else (0, 1)
+    thresholds = _threshold_tensor(plan)
+    todo = [i for i in range(rank, len(samples), world) if not _label_path(out, i, samples[i]).is_file()]
+    for i in tqdm(todo, desc="write pseudo labels", disable=not progress, dynamic_ncols=True):
+        conf, pred = _load_cache(out, i)
+        labels = torch.where(_candidates(conf, pred, thresholds), pred.long(), IGNORE)
+        if allotment is not None:
+            labels = _subsample(labels, allotment[i], seed, i)
+        image = Image.fromarray(labels.to(torch.uint8).numpy(), mode="L")
+        atomic_write(_label_path(out, i, samples[i]), lambda tmp, im=image: im.save(tmp, format="PNG"))
+
+
+def _subsample(labels: torch.Tensor, keep_counts: np.ndarray, seed: int, index: int) -> torch.Tensor:
+    """Keep `keep_counts[j]` uniformly chosen pixels of each class j of one image."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
+    flat = labels.flatten().clone()
+    for j, keep in enumerate(keep_counts.tolist()):
+        where = torch.nonzero(flat == j).flatten()
+        if where.numel() > keep:
+            order = torch.randperm(where.numel(), generator=generator)
+            flat[where[order[keep:]]] = IGNORE
+    return flat.view_as(labels)
+
+
+def final_counts(out: Path, samples: list[Sample], num_classes: int) -> torch.Tensor:
+    counts = torch.zeros(num_classes, dtype=torch.int64)
+    for i, sample in enumerate(samples):
+        with Image.open(_label_path(out, i, sample)) as img:
+            labels = torch.from_numpy(np.array(img).astype(np.int64)).flatten()
+        counts += torch.bincount(labels[labels != IGNORE], minlength=num_classes)[:num_classes]
+    return counts
+
+
+def generate(
+    model: torch.nn.Module,
+    samples: list[Sample],
+    fmt: DatasetFormat,
+    num_classes: int,
+    out: str | Path,
+    spec: GeneratorSpec,
+    *,
+    labeled_counts: torch.Tensor | None = None,
+    teacher: TeacherSpec | None = None,
+    seed: int = 0,
+    device: torch.device | None = None,
+    ctx: DistContext | None = None,
+    root: Path | None = None,
+    progress: bool = True,
+) -> dict:
+    """Pseudo labels for `samples` into `out` (see the module docstring); returns the stats.
+
+    `labeled_counts` [C] (pixels per class of the labeled set) is needed by DA and DARS and
+    gives the KL divergences in the stats. `root` is the dataset folder that list.txt paths
+    are written relative to.
+    """
+    out = Path(out)
+    done = out / "stats.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    start = time.perf_counter()
+    device = device or torch.device("cpu")
+    teacher = teacher or TeacherSpec()
+    is_main = ctx is None or ctx.is_main
+    predict_set(model, samples, fmt, num_classes, out, spec, teacher, device, ctx, progress and is_main)
+    if ctx is not None:
+        barrier(ctx)
+    ratio = class_ratio(labeled_counts) if labeled_counts is not None else None
+    hist = histogram(out, len(samples), num_classes)
+    plan = plan_thresholds(spec, hist, ratio)
+    allotment = allot(out, len(samples), spec, plan, seed) if spec.method == "dars" else None
+    write_labels(out, samples, plan, allotment, seed, ctx, progress and is_main)
+    if ctx is not None:
+        barrier(ctx)
+    if not is_main:
+        return {}
+    counts = final_counts(out, samples, num_classes)
+    pixels = int(hist.counts.sum())
+    stats = {
+        "generator": asdict(spec),
+        "teacher": asdict(teacher),
+        "seed": seed,
+        "images": len(samples),
+        "pixels": pixels,
+        "labeled_ratio": ratio.tolist() if ratio is not None else None,
+        "targets": plan.targets,
+        "thresholds": plan.thresholds,
+        "predicted": hist.class_totals().tolist(),
+        "thresholded": plan.kept,
+        "final": counts.tolist(),
+        "labeled_fraction": float(counts.sum()) / max(pixels, 1),
+        "kl_thresholded": kl_divergence(ratio, torch.tensor(plan.kept)) if ratio is not None else None,
+        "kl_final": kl_divergence(ratio, counts) if ratio is not None else None,
+        "seconds": time.perf_counter() - start,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    write_split(out / "list.txt", [Sample(s.image, _label_path(out, i, s)) for i, s in enumerate(samples)], root or Path("/"))
+    atomic_write_text(done, json.dumps(stats, indent=2) + "\n")
+    return stats
