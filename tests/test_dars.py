@@ -204,3 +204,74 @@ def test_labeled_class_counts_skip_ignore(tmp_path):
     Image.fromarray(np.array([[0, 1, 255], [1, 1, 2]], dtype=np.uint8)).save(mask)
     fmt = get_format("folder", 3)
     assert labeled_class_counts([Sample(mask, mask)], fmt, 3, progress=False).tolist() == [1, 3, 1]
+
+
+# --------------------------------------------------------------- self-training rounds
+def self_training_config(synthetic_root, out, **train):
+    from conftest import tiny_config
+
+    from semiseg.config import config_from_dict
+
+    return config_from_dict(
+        tiny_config(
+            synthetic_root,
+            out,
+            scheme={"name": "self_training"},
+            selftrain={"method": "dars", "alpha": [0.2, 0.5], "beta_min": [0.0, 0.2], "beta_max": [0.0, 0.5]},
+            train={"iterations": 2, "eval_every": 2, "log_every": 1, "checkpoint_every": 1, **train},
+        )
+    )
+
+
+def test_self_training_runs_every_round_and_resumes_after_a_kill(synthetic_root, tmp_path, monkeypatch):
+    from semiseg.checkpoint import load_checkpoint
+    from semiseg.engine import Trainer, train
+
+    reference = train(self_training_config(synthetic_root, tmp_path / "ref"), progress=False)
+    assert [r["round"] for r in reference["rounds"]] == [0, 1, 2]
+    assert reference["rounds"][2]["scale_range"] == pytest.approx([0.75 * 0.8, 1.25 * 1.5])
+    for k in (1, 2):
+        stats = json.loads((tmp_path / "ref" / f"round{k}" / "pseudo" / "stats.json").read_text())
+        assert stats["final"] == [min(t, p) for t, p in zip(stats["targets"], stats["predicted"], strict=True)]
+        assert stats["generator"]["alpha"] == [0.2, 0.5][k - 1]
+    assert load_checkpoint(tmp_path / "ref" / "round2" / "latest.pt")["config"]["model"]["init_from"].endswith(
+        "round1/latest.pt"
+    )
+
+    # Die at the second step of round 2 (steps: round 0: 2, round 1: 2, round 2: 1 done).
+    calls = []
+    original = Trainer._set_lr
+
+    def dying(self, iteration):
+        calls.append(iteration)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return original(self, iteration)
+
+    monkeypatch.setattr(Trainer, "_set_lr", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train(self_training_config(synthetic_root, tmp_path / "killed"), progress=False)
+    monkeypatch.setattr(Trainer, "_set_lr", original)
+    assert not (tmp_path / "killed" / "final.json").exists()
+    resumed = train(self_training_config(synthetic_root, tmp_path / "killed"), progress=False)
+    assert [r["kl_final"] for r in resumed["rounds"][1:]] == [r["kl_final"] for r in reference["rounds"][1:]]
+    a = load_checkpoint(tmp_path / "ref" / "round2" / "latest.pt")["models"]["student"]
+    b = load_checkpoint(tmp_path / "killed" / "round2" / "latest.pt")["models"]["student"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pseudo_label_cli_prints_the_class_table(synthetic_root, tmp_path, capsys):
+    from conftest import tiny_config
+
+    from semiseg.cli import main
+    from semiseg.config import config_from_dict
+    from semiseg.engine import train
+
+    train(config_from_dict(tiny_config(synthetic_root, tmp_path / "teacher", train={"iterations": 2, "eval_every": 2})), progress=False)
+    out = tmp_path / "pl"
+    assert main(["pseudo-label", str(tmp_path / "teacher" / "latest.pt"), str(out), "--alpha", "0.3", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "KL(labeled || pseudo)" in printed and "list.txt" in printed
+    assert (out / "stats.json").is_file() and len(list((out / "labels").glob("*.png"))) == 16
+    assert main(["pseudo-label", str(tmp_path / "teacher" / "latest.pt"), str(tmp_path / "x"), "--alpha", "2"]) == 2
+    assert "alpha must be in [0, 1]" in capsys.readouterr().err

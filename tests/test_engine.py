@@ -90,7 +90,7 @@ def test_ema_evaluation_and_pspnet_aux(synthetic_root, tmp_path):
     )
     train(cfg, progress=False)
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
-    assert any("loss_aux" in r for r in records if r["split"] == "train")
+    assert any("loss_aux_x" in r for r in records if r["split"] == "train")
     ckpt = load_checkpoint(tmp_path / "run" / "latest.pt")
     assert ckpt["scheme"]["ema"] is not None
 

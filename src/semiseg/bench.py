@@ -85,6 +85,9 @@ class RunResult:
     tail_miou: float | None
     sec_per_iter: float
     iterations: int
+    kl: float | None = None
+    """Self-training runs: KL divergence of the last round's pseudo labels to the labeled
+    class distribution."""
 
 
 def run_dir(grid: BenchGrid, method: str, seed: int) -> Path:
@@ -93,14 +96,18 @@ def run_dir(grid: BenchGrid, method: str, seed: int) -> Path:
 
 def read_result(method: str, seed: int, folder: Path, iterations: int) -> RunResult | None:
     """The result of a finished run, or None if the run has not reached `iterations`."""
-    final = folder / "final.json"
-    if not final.is_file() or json.loads(final.read_text()).get("iteration") != iterations:
+    path = folder / "final.json"
+    final = json.loads(path.read_text()) if path.is_file() else {}
+    if final.get("iteration") != iterations:
         return None
-    records = read_metrics(folder / "metrics.jsonl")
+    # A multi-round self-training run keeps its last round's log in a round folder.
+    records = read_metrics(folder / final.get("metrics_dir", ".") / "metrics.jsonl")
     val = [r for r in records if r["split"] == "val"]
     # The first window includes data-loader start-up; the median is robust to it.
     times = [r["sec_per_iter"] for r in records if r["split"] == "train" and "sec_per_iter" in r]
-    return RunResult(method, seed, val[-1]["miou"], val[-1].get("tail_miou"), statistics.median(times), iterations)
+    return RunResult(
+        method, seed, val[-1]["miou"], val[-1].get("tail_miou"), statistics.median(times), iterations, final.get("kl")
+    )
 
 
 def run_config(grid: BenchGrid, method: str, seed: int):
@@ -165,6 +172,7 @@ def summarize(grid: BenchGrid, results: list[RunResult]) -> list[dict]:
             continue
         miou, spread = _mean_std([100 * r.miou for r in runs])
         tails = [100 * r.tail_miou for r in runs if r.tail_miou is not None]
+        kls = [r.kl for r in runs if r.kl is not None]
         rows.append(
             {
                 "method": method,
@@ -174,6 +182,7 @@ def summarize(grid: BenchGrid, results: list[RunResult]) -> list[dict]:
                 "tail_miou": statistics.mean(tails) if tails else None,
                 "sec_per_iter": statistics.mean(r.sec_per_iter for r in runs),
                 "iterations": runs[0].iterations,
+                "kl": statistics.mean(kls) if kls else None,
             }
         )
     base = next((r for r in rows if r["method"] == grid.baseline), None)
@@ -192,14 +201,20 @@ def _fmt(value: float | None, signed: bool = False) -> str:
 
 
 def markdown_table(grid: BenchGrid, rows: list[dict]) -> str:
+    """The comparison table; a KL column (pseudo labels vs labeled class distribution,
+    self-training runs) appears when some row has it."""
+    with_kl = any(r.get("kl") is not None for r in rows)
     lines = [
-        f"| method | seeds | mIoU (%) | tail mIoU (%) | gain over {grid.baseline} | tail gain | s/iter |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        f"| method | seeds | mIoU (%) | tail mIoU (%) | gain over {grid.baseline} | tail gain | s/iter |"
+        + (" KL |" if with_kl else ""),
+        "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if with_kl else ""),
     ]
     for r in rows:
+        kl = r.get("kl")
         lines.append(
             f"| {r['method']} | {r['seeds']} | {r['miou']:.2f} ± {r['miou_std']:.2f} | {_fmt(r['tail_miou'])} "
             f"| {_fmt(r['gain'], True)} | {_fmt(r['tail_gain'], True)} | {r['sec_per_iter']:.2f} |"
+            + (f" {'-' if kl is None else f'{kl:.4f}'} |" if with_kl else "")
         )
     return "\n".join(lines) + "\n"
 

@@ -1,4 +1,4 @@
-"""`semiseg` command line: train, eval, predict, split, bench, plot, quickstart."""
+"""`semiseg` command line: train, eval, predict, split, pseudo-label, bench, plot, quickstart."""
 
 from __future__ import annotations
 
@@ -16,8 +16,45 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     result = train(cfg, restart=args.restart, progress=not args.no_progress)
-    if "final" in result and os.environ.get("RANK", "0") == "0":
+    if os.environ.get("RANK", "0") != "0":
+        return 0
+    if "final" in result:
         print(f"best val mIoU {100 * result['best_miou']:.2f} at iteration {result['best_iteration']}")
+    for r in result.get("rounds", []):
+        if r.get("miou") is not None:
+            kl = f", pseudo-label KL {r['kl_final']:.4f}" if r.get("kl_final") is not None else ""
+            print(f"round {r['round']}: val mIoU {100 * r['miou']:.2f}{kl}")
+    return 0
+
+
+def _cmd_pseudo_label(args: argparse.Namespace) -> int:
+    from semiseg.pseudolabel import GeneratorSpec, format_stats, pseudo_label_checkpoint
+
+    try:
+        spec = GeneratorSpec(
+            method=args.method,
+            alpha=None if args.threshold is not None else args.alpha,
+            threshold=args.threshold,
+            temperature=args.temperature,
+            variant=args.variant,
+        )
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    stats, names = pseudo_label_checkpoint(
+        args.checkpoint,
+        args.out,
+        spec,
+        data_root=args.data_root,
+        unlabeled=args.unlabeled,
+        labeled=args.labeled,
+        flip=not args.no_flip,
+        seed=args.seed,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    if stats:
+        print(format_stats(stats, names))
+        print(f"labels and {Path(args.out) / 'list.txt'} (for data.pseudo_labeled) in {args.out}")
     return 0
 
 
@@ -151,6 +188,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="folder for labeled.txt / unlabeled.txt / val.txt")
     p.set_defaults(func=_cmd_split)
+
+    p = sub.add_parser("pseudo-label", help="label a checkpoint's unlabeled set offline (ST, CBST, DA, DARS)")
+    p.add_argument("checkpoint", help="teacher checkpoint (its config names the data)")
+    p.add_argument("out", help="output folder: labels/, list.txt, stats.json (resumable)")
+    p.add_argument("--method", choices=["st", "cbst", "da", "dars"], default="dars")
+    p.add_argument("--alpha", type=float, default=0.2, help="labeling ratio (default 0.2)")
+    p.add_argument("--threshold", type=float, help="ST with this confidence threshold instead of --alpha")
+    p.add_argument("--temperature", type=float, default=1.0, help="temperature scaling (the DARS paper's TS: 1.27)")
+    p.add_argument("--variant", choices=["paper", "official"], default="paper")
+    p.add_argument("--no-flip", action="store_true", help="do not average the teacher over a horizontal flip")
+    p.add_argument("--seed", type=int, default=0, help="seed of DARS's random sampling")
+    p.add_argument("--data-root", help="dataset folder (default: the checkpoint's)")
+    p.add_argument("--unlabeled", help="split list to label (default: the checkpoint's data.unlabeled)")
+    p.add_argument("--labeled", help="split list whose class distribution DA/DARS match (default: the checkpoint's)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_pseudo_label)
 
     p = sub.add_parser("bench", help="run a grid of methods x seeds and write a comparison table")
     p.add_argument("grid", help="grid YAML (see semiseg.bench)")

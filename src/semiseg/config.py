@@ -36,6 +36,9 @@ class DataConfig:
     """Split list of labeled samples (UniMatch style, paths relative to `root`)."""
     unlabeled: str | None = None
     """Split list of unlabeled images; a second path on a line (a mask) is never used for training."""
+    pseudo_labeled: str | None = None
+    """Split list of unlabeled images with pseudo-label masks (`semiseg pseudo-label` writes
+    OUT/list.txt), for one self-training round; unset, `self_training` runs every round."""
     val: str | None = None
     """Split list of validation samples; None evaluates the format's standard 'val' subset."""
     num_classes: int | None = None
@@ -84,7 +87,7 @@ class OptimConfig:
 
 @dataclass
 class SchemeConfig:
-    name: Literal["supervised", "fixmatch", "unimatch", "mean_teacher", "cps"] = "supervised"
+    name: Literal["supervised", "fixmatch", "unimatch", "mean_teacher", "cps", "self_training"] = "supervised"
     ema_decay: float = 0.0
     """Decay of an EMA copy of the student kept for evaluation (UniMatch/DAW use 0.999); 0 keeps none."""
     eval_ema: bool = False
@@ -142,6 +145,28 @@ class LossConfig:
 
 
 @dataclass
+class SelfTrainConfig:
+    """Offline self-training in rounds (scheme `self_training`; DARS, Sec. 3)."""
+
+    method: Literal["st", "cbst", "da", "dars"] = "dars"
+    """Pseudo-label generator (semiseg.pseudo.dars); DA+TS is `da` with `temperature` 1.27."""
+    alpha: list[float] = field(default_factory=lambda: [0.2])
+    """Labeling ratio of each round after round 0; its length is the number of such rounds."""
+    beta_min: list[float] = field(default_factory=lambda: [0.0])
+    """Per round, the random-scale range's lower bound becomes (1 - beta_min) * min (Sec. 3.3)."""
+    beta_max: list[float] = field(default_factory=lambda: [0.0])
+    """Per round, the upper bound becomes (1 + beta_max) * max."""
+    threshold: float | None = None
+    """ST with one confidence threshold instead of a labeling ratio."""
+    temperature: float = 1.0
+    """Teacher logits are divided by it before the softmax (temperature scaling, TS)."""
+    flip: bool = True
+    """Average the teacher's logits over a horizontal flip (the released DARS code does)."""
+    variant: Literal["paper", "official"] = "paper"
+    """'official': the released code's CBST (+1 pixel), per-image DARS sampling, float16 softmax."""
+
+
+@dataclass
 class TrainConfig:
     iterations: int = 1000
     eval_every: int = 200
@@ -171,6 +196,7 @@ class Config:
     scheme: SchemeConfig = field(default_factory=SchemeConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    selftrain: SelfTrainConfig = field(default_factory=SelfTrainConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = "runs/default"
@@ -190,6 +216,19 @@ class Config:
         if self.train.checkpoint_every is not None:
             positive["train.checkpoint_every"] = self.train.checkpoint_every
         positive["loss.A"] = self.loss.A
+        positive["selftrain.temperature"] = self.selftrain.temperature
+        rounds = self.selftrain
+        if not (len(rounds.alpha) == len(rounds.beta_min) == len(rounds.beta_max)):
+            raise ConfigError(
+                "selftrain.alpha, selftrain.beta_min and selftrain.beta_max need one value per round, got "
+                f"{len(rounds.alpha)}, {len(rounds.beta_min)} and {len(rounds.beta_max)}"
+            )
+        for key in ("alpha", "beta_min", "beta_max"):
+            bad = [v for v in getattr(rounds, key) if not 0.0 <= v <= 1.0]
+            if bad:
+                raise ConfigError(f"selftrain.{key} values must be in [0, 1], got {bad}")
+        if rounds.method == "st" and rounds.threshold is not None and not 0 < rounds.threshold <= 1:
+            raise ConfigError(f"selftrain.threshold must be in (0, 1], got {rounds.threshold}")
         if not 0.0 <= self.loss.T <= 1.0:
             raise ConfigError(f"loss.T must be in [0, 1], got {self.loss.T}")
         if self.loss.name == "fpl" and self.policy.name == "threshold" and self.policy.threshold >= self.loss.T:

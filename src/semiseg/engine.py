@@ -74,9 +74,10 @@ class DataBundle:
     labeled: list[Sample]
     unlabeled: list[Sample] | None
     val: list[Sample]
+    pseudo_labeled: list[Sample] | None = None
 
 
-def load_data(cfg: Config, need_unlabeled: bool) -> DataBundle:
+def load_data(cfg: Config, need_unlabeled: bool, need_pseudo: bool = False) -> DataBundle:
     """Read the split lists and check the files up front, so bad data fails before training starts."""
     root = Path(cfg.data.root).expanduser()
     if not root.is_dir():
@@ -98,6 +99,12 @@ def load_data(cfg: Config, need_unlabeled: bool) -> DataBundle:
         if not cfg.data.unlabeled:
             raise DataError(f"scheme {cfg.scheme.name!r} needs data.unlabeled (a split list of unlabeled images)")
         unlabeled = read_split(resolve_list(cfg.data.unlabeled, root), root, require_mask=False)
+    pseudo = None
+    if need_pseudo:
+        if not cfg.data.pseudo_labeled:
+            raise DataError(f"scheme {cfg.scheme.name!r} needs data.pseudo_labeled (images with pseudo-label masks)")
+        pseudo = read_split(resolve_list(cfg.data.pseudo_labeled, root), root, require_mask=True)
+        check_samples(pseudo, fmt, deep=False, desc="check pseudo-labeled")
     if cfg.data.val:
         val = read_split(resolve_list(cfg.data.val, root), root, require_mask=True)
     else:
@@ -116,7 +123,7 @@ def load_data(cfg: Config, need_unlabeled: bool) -> DataBundle:
     elif unlabeled is not None:
         # Unlabeled masks, where they exist, are never read for training: check images only.
         check_samples([Sample(s.image, None) for s in unlabeled], fmt, deep=False, desc="check unlabeled")
-    return DataBundle(fmt, num_classes, class_names, labeled, unlabeled, val)
+    return DataBundle(fmt, num_classes, class_names, labeled, unlabeled, val, pseudo)
 
 
 class WindowMeans:
@@ -220,7 +227,7 @@ class Trainer:
         self.progress = progress and self.ctx.is_main
         self.run_dir = Path(cfg.output_dir)
         self.scheme_cls = get_scheme(cfg.scheme.name)
-        self.data = load_data(cfg, self.scheme_cls.uses_unlabeled)
+        self.data = load_data(cfg, self.scheme_cls.uses_unlabeled, self.scheme_cls.uses_pseudo_labels)
         self.num_classes = self.data.num_classes
 
         latest = self.run_dir / "latest.pt"
@@ -442,6 +449,10 @@ class Trainer:
             unlabeled_iter = self._train_loader(self.data.unlabeled, batch_u, oracle, cfg.train.seed + 1, views)
             # UniMatch draws the CutMix source as a second, independent unlabeled stream.
             mix_iter = self._train_loader(self.data.unlabeled, batch_u, False, cfg.train.seed + 2, views)
+        elif self.data.pseudo_labeled is not None:
+            # Self-training: pseudo-labeled crops augmented like the labeled ones (DARS Eq. 2).
+            batch_u = cfg.data.unlabeled_batch_size or cfg.data.batch_size
+            unlabeled_iter = self._train_loader(self.data.pseudo_labeled, batch_u, True, cfg.train.seed + 1, weak)
         checkpoint_every = cfg.train.checkpoint_every or cfg.train.eval_every
         device = self.ctx.device
         self.scheme.train()
@@ -494,4 +505,13 @@ class Trainer:
 
 
 def train(cfg: Config, *, restart: bool = False, progress: bool = True) -> dict:
+    """Train `cfg` to the end (resuming its run folder); returns what final.json holds.
+
+    Scheme `self_training` without `data.pseudo_labeled` is the whole multi-round
+    self-training run (`semiseg.selftrain`); every other config is one run of the Trainer.
+    """
+    if cfg.scheme.name == "self_training" and not cfg.data.pseudo_labeled:
+        from semiseg.selftrain import self_train
+
+        return self_train(cfg, restart=restart, progress=progress)
     return Trainer(cfg, restart=restart, progress=progress).run()

@@ -40,13 +40,15 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from semiseg.config import ConfigError
 from semiseg.data.dataset import SegmentationDataset
-from semiseg.data.formats import DatasetFormat, Sample
-from semiseg.data.splits import write_split
+from semiseg.data.formats import DatasetFormat, Sample, get_format
+from semiseg.data.splits import read_split, resolve_list, write_split
 from semiseg.data.transforms import eval_transform
-from semiseg.distributed import DistContext, barrier
+from semiseg.distributed import DistContext, barrier, cleanup, init_distributed
 from semiseg.evaluation import predict_logits
 from semiseg.files import atomic_write, atomic_write_text
+from semiseg.inference import load_trained_model
 from semiseg.pseudo.dars import (
     ConfidenceHistogram,
     class_ratio,
@@ -389,3 +391,61 @@ def generate(
     write_split(out / "list.txt", [Sample(s.image, _label_path(out, i, s)) for i, s in enumerate(samples)], root or Path("/"))
     atomic_write_text(done, json.dumps(stats, indent=2) + "\n")
     return stats
+
+
+def pseudo_label_checkpoint(
+    checkpoint: str | Path,
+    out: str | Path,
+    spec: GeneratorSpec,
+    *,
+    data_root: str | None = None,
+    unlabeled: str | None = None,
+    labeled: str | None = None,
+    flip: bool = True,
+    seed: int = 0,
+    device: str = "auto",
+    progress: bool = True,
+) -> tuple[dict, list[str]]:
+    """`semiseg pseudo-label`: label a checkpoint's unlabeled set (or `unlabeled`) into `out`,
+    with the class distribution of its labeled set (or `labeled`); returns (stats, class names)."""
+    ctx = init_distributed(device)
+    try:
+        model, cfg, ckpt = load_trained_model(checkpoint, ctx.device)
+        num_classes = ckpt["num_classes"]
+        root = Path(data_root or cfg.data.root)
+        fmt = get_format(cfg.data.format, num_classes, ckpt["class_names"], root=root)
+        unlabeled_list = unlabeled or cfg.data.unlabeled
+        if not unlabeled_list:
+            raise ConfigError(f"{checkpoint}: its config has no data.unlabeled; pass --unlabeled LIST")
+        samples = read_split(resolve_list(unlabeled_list, root), root, require_mask=False)
+        counts = None
+        if spec.method in ("da", "dars") or labeled or cfg.data.labeled:
+            labeled_samples = read_split(resolve_list(labeled or cfg.data.labeled, root), root, require_mask=True)
+            counts = labeled_class_counts(labeled_samples, fmt, num_classes, progress and ctx.is_main)
+        size = cfg.data.eval_size or cfg.data.crop_size
+        teacher = TeacherSpec(cfg.data.eval_mode, None if cfg.data.eval_mode == "none" else size, flip)
+        stats = generate(
+            model, samples, fmt, num_classes, out, spec,
+            labeled_counts=counts, teacher=teacher, seed=seed, device=ctx.device,
+            ctx=ctx if ctx.distributed else None, root=root, progress=progress and ctx.is_main,
+        )
+        return stats, list(ckpt["class_names"])
+    finally:
+        cleanup(ctx)
+
+
+def format_stats(stats: dict, class_names: list[str]) -> str:
+    """Per-class table of a generation: labeled share, target n_j, pixels reaching the
+    threshold, pixels kept; then the KL divergences and the labeled fraction."""
+    ratio = stats.get("labeled_ratio")
+    targets = stats.get("targets")
+    lines = [f"{'class':<14}{'labeled %':>10}{'target':>12}{'thresholded':>13}{'kept':>12}", "-" * 61]
+    for j, name in enumerate(class_names):
+        share = f"{100 * ratio[j]:.2f}" if ratio else "-"
+        target = str(targets[j]) if targets else "-"
+        lines.append(f"{name:<14}{share:>10}{target:>12}{stats['thresholded'][j]:>13}{stats['final'][j]:>12}")
+    lines.append("-" * 61)
+    lines.append(f"pseudo-labeled pixels: {100 * stats['labeled_fraction']:.2f} % of {stats['pixels']}")
+    if stats.get("kl_final") is not None:
+        lines.append(f"KL(labeled || pseudo): {stats['kl_thresholded']:.4f} after thresholds, {stats['kl_final']:.4f} final")
+    return "\n".join(lines)

@@ -33,6 +33,10 @@ class SegmentationOutput:
     features: Tensor
     aux: Tensor | None = None
 
+    def rows(self, index: slice) -> SegmentationOutput:
+        """The outputs of part of the batch (e.g. the labeled images of a joint forward pass)."""
+        return SegmentationOutput(self.logits[index], self.features[index], None if self.aux is None else self.aux[index])
+
 
 class SegmentationModel(nn.Module):
     """Backbone + decoder head.

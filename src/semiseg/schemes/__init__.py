@@ -4,6 +4,7 @@ from semiseg.schemes.base import Scheme, StepOutput, unwrap
 from semiseg.schemes.cps import CPSScheme
 from semiseg.schemes.fixmatch import FixMatchScheme
 from semiseg.schemes.mean_teacher import MeanTeacherScheme
+from semiseg.schemes.self_training import SelfTrainingScheme
 from semiseg.schemes.semi import SemiScheme
 from semiseg.schemes.supervised import SupervisedScheme
 from semiseg.schemes.unimatch import UniMatchScheme
@@ -14,6 +15,7 @@ SCHEMES: dict[str, type[Scheme]] = {
     "unimatch": UniMatchScheme,
     "mean_teacher": MeanTeacherScheme,
     "cps": CPSScheme,
+    "self_training": SelfTrainingScheme,
 }
 
 
@@ -29,6 +31,7 @@ __all__ = [
     "FixMatchScheme",
     "MeanTeacherScheme",
     "Scheme",
+    "SelfTrainingScheme",
     "SemiScheme",
     "StepOutput",
     "SupervisedScheme",

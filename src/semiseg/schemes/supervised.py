@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+from torch import Tensor
+
 from semiseg.losses import cross_entropy
+from semiseg.models.segmentor import SegmentationOutput
 from semiseg.schemes.base import Scheme, StepOutput
+
+
+def supervised_loss(out: SegmentationOutput, mask: Tensor, aux_weight: float, suffix: str = "x") -> StepOutput:
+    """CE of the logits against `mask`, plus `aux_weight` x CE of the auxiliary head (PSPNet)."""
+    loss_main = cross_entropy(out.logits, mask)
+    loss = loss_main
+    logs = {f"loss_{suffix}": loss_main.detach()}
+    if out.aux is not None:
+        loss_aux = cross_entropy(out.aux, mask)
+        loss = loss + aux_weight * loss_aux
+        logs[f"loss_aux_{suffix}"] = loss_aux.detach()
+    return StepOutput(loss, logs)
 
 
 class SupervisedScheme(Scheme):
     """Cross-entropy on labeled crops (plus the auxiliary head's loss for models that have one)."""
 
     def training_step(self, labeled: dict, unlabeled: dict | None, mix: dict | None, iteration: int) -> StepOutput:
-        out = self.models["student"](labeled["image"])
-        loss_main = cross_entropy(out.logits, labeled["mask"])
-        loss = loss_main
-        logs = {"loss_x": loss_main.detach()}
-        if out.aux is not None:
-            loss_aux = cross_entropy(out.aux, labeled["mask"])
-            loss = loss + self.cfg.scheme.aux_weight * loss_aux
-            logs["loss_aux"] = loss_aux.detach()
-        return StepOutput(loss, logs)
+        return supervised_loss(self.models["student"](labeled["image"]), labeled["mask"], self.cfg.scheme.aux_weight)
