@@ -275,3 +275,19 @@ def test_pseudo_label_cli_prints_the_class_table(synthetic_root, tmp_path, capsy
     assert (out / "stats.json").is_file() and len(list((out / "labels").glob("*.png"))) == 16
     assert main(["pseudo-label", str(tmp_path / "teacher" / "latest.pt"), str(tmp_path / "x"), "--alpha", "2"]) == 2
     assert "alpha must be in [0, 1]" in capsys.readouterr().err
+
+
+def test_official_variant_cbst_keeps_one_more_and_dars_samples_per_image(image_set, tmp_path):
+    official = run_generator(image_set, tmp_path / "cbst_off", GeneratorSpec("cbst", alpha=0.4, variant="official"))
+    caches = [np.load(p) for p in sorted((tmp_path / "cbst_off" / "cache").glob("*.npz"))]
+    conf = torch.from_numpy(np.stack([c["conf"] for c in caches])).float()
+    pred = torch.from_numpy(np.stack([c["pred"] for c in caches])).long()
+    for j in range(3):
+        values = conf[pred == j].sort(descending=True).values
+        # The int(alpha * len_j) + 1-th largest confidence (0-based index int(alpha * len_j)).
+        t = values[min(int(0.4 * values.numel()), values.numel() - 1)]
+        assert official["thresholded"][j] == int((values >= t).sum())
+    dars = run_generator(image_set, tmp_path / "dars_off", GeneratorSpec("dars", alpha=0.3, variant="official"))
+    for final, target, kept in zip(dars["final"], dars["targets"], dars["thresholded"], strict=True):
+        # Per-image sampling: the total can exceed n_j by up to one pixel per image.
+        assert min(target, kept) <= final <= min(target, kept) + len(image_set)
