@@ -46,3 +46,41 @@ def test_two_process_gloo_run_trains_and_checkpoints(synthetic_root, tmp_path):
     train_iters = [r["iteration"] for r in records if r["split"] == "train"]
     assert train_iters == [2, 4, 6, 8]
     assert [r["iteration"] for r in records if r["split"] == "val"] == [4, 8]
+
+
+def _torchrun(args: list[str]) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port())]
+    done = subprocess.run([*cmd, "-m", "semiseg.cli", *args], env=env, capture_output=True, text=True, timeout=300)
+    errors = [line for line in done.stderr.splitlines() if "error:" in line or "Error" in line]
+    assert done.returncode == 0, "\n".join(errors[:10])
+
+
+@pytest.mark.slow
+def test_two_process_self_training_and_pseudo_labels_match_one_process(synthetic_root, tmp_path):
+    from semiseg.cli import main
+
+    out = tmp_path / "st"
+    config = tmp_path / "st.yaml"
+    raw = tiny_config(
+        synthetic_root,
+        out,
+        scheme={"name": "self_training"},
+        selftrain={"alpha": [0.3]},
+        train={"iterations": 2, "eval_every": 2, "log_every": 1, "threads": 1},
+    )
+    config.write_text(yaml.safe_dump(raw))
+    # Round 0, pseudo labels (both processes label half the images) and round 1, with the
+    # process group joined again after each part.
+    _torchrun(["train", str(config), "--no-progress"])
+    assert load_checkpoint(out / "round1" / "latest.pt")["iteration"] == 2
+    labels = sorted((out / "round1" / "pseudo" / "labels").glob("*.png"))
+    assert len(labels) == 16
+
+    teacher = str(out / "round0" / "latest.pt")
+    _torchrun(["pseudo-label", teacher, str(tmp_path / "two"), "--alpha", "0.3", "--no-progress"])
+    assert main(["pseudo-label", teacher, str(tmp_path / "one"), "--alpha", "0.3", "--no-progress"]) == 0
+    two = sorted((tmp_path / "two" / "labels").glob("*.png"))
+    one = sorted((tmp_path / "one" / "labels").glob("*.png"))
+    assert [p.name for p in one] == [p.name for p in two]
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(one, two, strict=True))

@@ -20,6 +20,10 @@ class DistContext:
     world_size: int
     local_rank: int
     device: torch.device
+    owner: bool = False
+    """This context created the process group, so `cleanup` ends it. A nested user (a round
+    of self-training inside the multi-round command) leaves it to the outer one: a gloo or
+    NCCL group cannot be reliably re-created in the same processes."""
 
     @property
     def is_main(self) -> bool:
@@ -50,10 +54,11 @@ def init_distributed(device_name: str = "auto") -> DistContext:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name, local_rank)
-    if world > 1 and not dist.is_initialized():
+    owner = world > 1 and not dist.is_initialized()
+    if owner:
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
-    return DistContext(rank, world, local_rank, device)
+    return DistContext(rank, world, local_rank, device, owner)
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -85,5 +90,6 @@ def broadcast_object(ctx: DistContext, obj: object) -> object:
 
 
 def cleanup(ctx: DistContext) -> None:
-    if ctx.distributed and dist.is_initialized():
+    """End the process group if `ctx` created it."""
+    if ctx.owner and dist.is_initialized():
         dist.destroy_process_group()

@@ -366,15 +366,30 @@ def generate(
     write_labels(out, samples, plan, allotment, seed, ctx, progress and is_main)
     if ctx is not None:
         barrier(ctx)
-    if not is_main:
-        return {}
-    counts = final_counts(out, samples, num_classes)
+    if is_main:
+        counts = final_counts(out, samples, num_classes)
+        stats = {
+            "generator": asdict(spec),
+            "teacher": asdict(teacher),
+            "seed": seed,
+            "images": len(samples),
+            **_count_stats(hist, plan, ratio, counts),
+            "seconds": time.perf_counter() - start,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        }
+        labeled = [Sample(s.image, _label_path(out, i, s)) for i, s in enumerate(samples)]
+        write_split(out / "list.txt", labeled, root or Path("/"))
+        atomic_write_text(done, json.dumps(stats, indent=2) + "\n")
+    if ctx is not None:
+        # Every process returns only once list.txt and stats.json exist.
+        barrier(ctx)
+    return json.loads(done.read_text())
+
+
+def _count_stats(hist: ConfidenceHistogram, plan: Plan, ratio: torch.Tensor | None, counts: torch.Tensor) -> dict:
+    """Class counts at each stage and their KL divergence to the labeled distribution."""
     pixels = int(hist.counts.sum())
-    stats = {
-        "generator": asdict(spec),
-        "teacher": asdict(teacher),
-        "seed": seed,
-        "images": len(samples),
+    return {
         "pixels": pixels,
         "labeled_ratio": ratio.tolist() if ratio is not None else None,
         "targets": plan.targets,
@@ -385,12 +400,7 @@ def generate(
         "labeled_fraction": float(counts.sum()) / max(pixels, 1),
         "kl_thresholded": kl_divergence(ratio, torch.tensor(plan.kept)) if ratio is not None else None,
         "kl_final": kl_divergence(ratio, counts) if ratio is not None else None,
-        "seconds": time.perf_counter() - start,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
-    write_split(out / "list.txt", [Sample(s.image, _label_path(out, i, s)) for i, s in enumerate(samples)], root or Path("/"))
-    atomic_write_text(done, json.dumps(stats, indent=2) + "\n")
-    return stats
 
 
 def pseudo_label_checkpoint(

@@ -27,6 +27,7 @@ import json
 from pathlib import Path
 
 from semiseg.config import Config, ConfigError, save_config
+from semiseg.distributed import cleanup, init_distributed
 from semiseg.files import atomic_write_text
 from semiseg.pseudolabel import GeneratorSpec, pseudo_label_checkpoint
 
@@ -97,6 +98,15 @@ def pseudo_label_round(cfg: Config, k: int, teacher: Path, progress: bool) -> di
 
 def self_train(cfg: Config, *, restart: bool = False, progress: bool = True) -> dict:
     """Every round of `cfg` (scheme `self_training`, no `data.pseudo_labeled`); see the module."""
+    # One process group for every round and pseudo-label pass (see DistContext.owner).
+    ctx = init_distributed(cfg.train.device)
+    try:
+        return _rounds(cfg, restart, progress)
+    finally:
+        cleanup(ctx)
+
+
+def _rounds(cfg: Config, restart: bool, progress: bool) -> dict:
     from semiseg.engine import train
 
     iterations = cfg.train.iterations
