@@ -1,0 +1,60 @@
+"""Boxes for the reliable-pixel detector (RPPI): from segmentation masks to detection targets,
+and from detections to the pixels a detector and the segmentation teacher agree on.
+
+The paper trains a Faster R-CNN only on the labeled images, on boxes derived from their
+masks (supplement Sec. 1): per listed ("thing") class, one box per connected set of its
+pixels; background and stuff classes (sky, road, building, ...) get none, since their boxes
+would cover most of the image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch import Tensor
+
+EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+
+
+def boxes_from_mask(mask: Tensor, classes: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """One box per 8-connected component of each listed class of `mask` [H,W].
+
+    Returns (boxes [N,4] float32 as x1, y1, x2, y2 with x2, y2 exclusive, labels [N] int64),
+    ordered by class (in `classes` order) and then by the component's first pixel in
+    row-major order. Classes not listed (and ignore pixels, 255) get no boxes.
+    """
+    if mask.dim() != 2:
+        raise ValueError(f"mask must be [H,W], got shape {tuple(mask.shape)}")
+    labels_np = mask.cpu().numpy()
+    boxes, labels = [], []
+    for c in classes:
+        components, count = ndimage.label(labels_np == c, structure=EIGHT_CONNECTED)
+        if count == 0:
+            continue
+        for sl in ndimage.find_objects(components):
+            rows, cols = sl
+            boxes.append([cols.start, rows.start, cols.stop, rows.stop])
+            labels.append(c)
+    if not boxes:
+        return torch.zeros((0, 4), dtype=torch.float32), torch.zeros((0,), dtype=torch.int64)
+    return torch.tensor(boxes, dtype=torch.float32), torch.tensor(labels, dtype=torch.int64)
+
+
+def box_class_map(boxes: Tensor, labels: Tensor, num_classes: int, size: tuple[int, int]) -> Tensor:
+    """bool [C,H,W]: True where a pixel lies inside some box of class c (x2, y2 exclusive)."""
+    inside = torch.zeros((num_classes, *size), dtype=torch.bool)
+    height, width = size
+    for (x1, y1, x2, y2), c in zip(boxes.round().long().tolist(), labels.tolist(), strict=True):
+        inside[c, max(0, y1) : min(height, y2), max(0, x1) : min(width, x2)] = True
+    return inside
+
+
+def reliable_pixels(pred: Tensor, conf: Tensor, boxes_map: Tensor, threshold: float) -> Tensor:
+    """RPPI (Sec. 3.3): pixels inside a detected box of their predicted class c whose
+    teacher confidence reaches `threshold`. pred/conf [B,H,W], boxes_map [B,C,H,W] bool;
+    returns bool [B,H,W]."""
+    in_box = boxes_map.gather(1, pred.long().clamp(max=boxes_map.shape[1] - 1).unsqueeze(1)).squeeze(1)
+    return in_box & (conf >= threshold)

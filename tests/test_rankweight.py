@@ -1,0 +1,121 @@
+"""Rank-statistics weights, the feature memory bank, and boxes from masks (RPPI)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from semiseg.pseudo.detector import box_class_map, boxes_from_mask, reliable_pixels
+from semiseg.pseudo.memory import FeatureBank, combined_prototypes
+from semiseg.pseudo.rankweight import cosine_weight, rank_weight, rank_weight_at, top_k_indices
+
+
+def pixel_features(*vectors: list[float]) -> torch.Tensor:
+    """Feature vectors as a [1, D, 1, N] map (N pixels in a row)."""
+    return torch.tensor(vectors, dtype=torch.float32).T[None, :, None, :]
+
+
+def test_rank_weight_on_hand_made_features():
+    prototypes = torch.tensor(
+        [
+            [9.0, 8.0, 7.0, 0.0, 0.0, 0.0],  # class 0: top-3 dims {0, 1, 2}
+            [0.0, 0.0, 1.0, 5.0, 6.0, 7.0],  # class 1: top-3 dims {3, 4, 5}
+        ]
+    )
+    features = pixel_features(
+        [3.0, 2.0, 1.0, 0.0, 0.0, 0.0],  # top-3 {0, 1, 2}
+        [3.0, 0.0, 2.0, 0.0, 1.0, 0.0],  # top-3 {0, 2, 4}
+        [0.0, 0.0, 0.0, 0.0, 0.0, 0.0],  # all tied: top-3 by index {0, 1, 2}
+        [1.0, 1.0, 0.0, 5.0, 1.0, 0.0],  # ties at 1.0: top-3 {3, 0, 1}
+    )
+    labels = torch.tensor([[[0, 0, 1, 1]]])
+    w = rank_weight(features, prototypes, labels, k=3)
+    assert w.flatten().tolist() == pytest.approx([3 / 3, 2 / 3, 0 / 3, 1 / 3])
+    official = rank_weight(features, prototypes, labels, k=3, variant="official")
+    assert official.flatten().tolist() == pytest.approx([2.0, 5 / 3, 1.0, 4 / 3])
+    # No prototype yet for class 1: weight 1; no pseudo label: weight 0.
+    valid = torch.tensor([True, False])
+    assert rank_weight(features, prototypes, labels, 3, valid).flatten().tolist() == pytest.approx([1.0, 2 / 3, 1.0, 1.0])
+    ignored = torch.tensor([[[255, 0, 1, 1]]])
+    assert rank_weight(features, prototypes, ignored, k=3).flatten()[0] == 0.0
+
+
+def test_ties_are_broken_by_lower_index_and_k_is_checked():
+    assert top_k_indices(torch.tensor([[1.0, 2.0, 2.0, 2.0]]), 2, dim=1).tolist() == [[1, 2]]
+    with pytest.raises(ValueError, match="k must be"):
+        top_k_indices(torch.zeros(1, 4), 5, dim=1)
+
+
+def test_rank_weight_at_low_resolution_equals_nearest_upsampled_features():
+    torch.manual_seed(0)
+    features = torch.rand(2, 16, 3, 4)
+    prototypes = torch.rand(5, 16)
+    labels = torch.randint(0, 5, (2, 12, 16))
+    labels[0, 0, 0] = 255
+    up = torch.nn.functional.interpolate(features, size=(12, 16), mode="nearest")
+    expected = rank_weight(up, prototypes, labels, k=4)
+    torch.testing.assert_close(rank_weight_at(features, prototypes, labels, k=4), expected)
+
+
+def test_cosine_weight_is_the_clamped_cosine_of_the_pseudo_class():
+    prototypes = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    features = pixel_features([1.0, 1.0], [-1.0, 0.0])
+    w = cosine_weight(features, prototypes, torch.tensor([[[0, 0]]]))
+    assert w.flatten().tolist() == pytest.approx([2**-0.5, 0.0])
+
+
+def test_feature_bank_is_fifo_newest_first_with_fixed_size():
+    bank = FeatureBank(num_classes=3, dim=2, size=3)
+    bank.push(torch.tensor([[1.0, 0], [2.0, 0], [9.0, 9]]), torch.tensor([0, 0, 255]))
+    assert bank.features(0)[:, 0].tolist() == [2.0, 1.0]
+    bank.push(torch.tensor([[3.0, 0], [4.0, 0], [5.0, 5]]), torch.tensor([0, 0, 1]))
+    assert bank.features(0)[:, 0].tolist() == [4.0, 3.0, 2.0]  # oldest (1.0) dropped
+    assert bank.counts.tolist() == [3, 1, 0]
+    prototypes, valid = bank.prototypes()
+    assert prototypes[0].tolist() == [3.0, 0.0] and valid.tolist() == [True, True, False]
+
+    limited = FeatureBank(num_classes=1, dim=1, size=10, per_update=2, seed=0)
+    limited.push(torch.arange(8.0).unsqueeze(1), torch.zeros(8, dtype=torch.long))
+    assert limited.counts.tolist() == [2]
+    state = limited.state_dict()
+    copy = FeatureBank(num_classes=1, dim=1, size=10, per_update=2, seed=99)
+    copy.load_state_dict(state)
+    batch = torch.arange(8.0, 16.0).unsqueeze(1), torch.zeros(8, dtype=torch.long)
+    limited.push(*batch)
+    copy.push(*batch)
+    assert torch.equal(limited.features(0), copy.features(0))  # the generator state round-trips
+
+
+def test_combined_prototypes_need_a_labeled_feature():
+    labeled, unlabeled = FeatureBank(2, 1, 4), FeatureBank(2, 1, 4)
+    labeled.push(torch.tensor([[2.0]]), torch.tensor([0]))
+    unlabeled.push(torch.tensor([[4.0], [7.0]]), torch.tensor([0, 1]))
+    prototypes, valid = combined_prototypes(labeled, unlabeled)
+    assert prototypes[0].item() == 3.0 and valid.tolist() == [True, False]
+
+
+def test_boxes_from_mask_with_several_components_and_excluded_classes():
+    mask = torch.zeros(6, 8, dtype=torch.long)
+    mask[0:2, 0:2] = 3
+    mask[3, 3] = 3
+    mask[4, 4] = 3  # diagonal neighbour: the same 8-connected component as (3, 3)
+    mask[5, 7] = 3
+    mask[1:4, 5:7] = 5
+    mask[0, 7] = 255
+    boxes, labels = boxes_from_mask(mask, classes=[3, 5, 9])
+    assert boxes.tolist() == [[0, 0, 2, 2], [3, 3, 5, 5], [7, 5, 8, 6], [5, 1, 7, 4]]
+    assert labels.tolist() == [3, 3, 3, 5]
+    assert boxes_from_mask(mask, classes=[0])[0].tolist() == [[0, 0, 8, 6]]
+    empty_boxes, empty_labels = boxes_from_mask(mask, classes=[7])
+    assert empty_boxes.shape == (0, 4) and empty_labels.shape == (0,)
+
+
+def test_reliable_pixels_need_box_agreement_and_confidence():
+    boxes = torch.tensor([[0.0, 0.0, 2.0, 1.0]])
+    inside = box_class_map(boxes, torch.tensor([1]), num_classes=2, size=(2, 3))
+    assert inside[1].tolist() == [[True, True, False], [False, False, False]]
+    pred = torch.tensor([[[1, 0, 1], [1, 1, 1]]])
+    conf = torch.tensor([[[0.99, 0.99, 0.99], [0.99, 0.99, 0.99]]])
+    conf[0, 0, 1] = 0.5
+    reliable = reliable_pixels(pred, conf, inside.unsqueeze(0), 0.95)
+    assert reliable.tolist() == [[[True, False, False], [False, False, False]]]
