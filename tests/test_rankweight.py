@@ -119,3 +119,66 @@ def test_reliable_pixels_need_box_agreement_and_confidence():
     conf[0, 0, 1] = 0.5
     reliable = reliable_pixels(pred, conf, inside.unsqueeze(0), 0.95)
     assert reliable.tolist() == [[[True, False, False], [False, False, False]]]
+
+
+# ------------------------------------------------------------------ the RPPI detector
+def detector_config(synthetic_root, tmp_path, **detector):
+    from conftest import tiny_config
+
+    from semiseg.config import config_from_dict
+
+    raw = tiny_config(synthetic_root, tmp_path / "run", train={"threads": 1})
+    raw["detector"] = {
+        "classes": [3, 4, 5],
+        "backbone": "mobilenet_v3_fpn",
+        "dir": str(tmp_path / "detector"),
+        "iterations": 3,
+        "batch_size": 1,
+        "min_size": 64,
+        "max_size": 96,
+        "score_threshold": 0.0,
+        "checkpoint_every": 1,
+        **detector,
+    }
+    return config_from_dict(raw)
+
+
+@pytest.mark.slow
+def test_detector_trains_resumes_exactly_detects_and_scores(synthetic_root, tmp_path, monkeypatch):
+    import semiseg.detection as detection
+    from semiseg.checkpoint import load_checkpoint
+    from semiseg.data.formats import get_format
+    from semiseg.data.splits import read_split
+
+    fmt = get_format("folder", None, root=synthetic_root / "data")
+    labeled = read_split(synthetic_root / "labeled.txt", synthetic_root / "data", require_mask=True)[:4]
+    reference = detector_config(synthetic_root, tmp_path / "a")
+    detection.train_detector(reference, labeled, fmt, torch.device("cpu"), progress=False)
+
+    killed = detector_config(synthetic_root, tmp_path / "b")
+    original, calls = detection.detection_target, []
+
+    def dying(*args):
+        calls.append(1)
+        if len(calls) == 3:  # the sample of the third step: the checkpoint at step 2 survives
+            raise KeyboardInterrupt
+        return original(*args)
+
+    monkeypatch.setattr(detection, "detection_target", dying)
+    with pytest.raises(KeyboardInterrupt):
+        detection.train_detector(killed, labeled, fmt, torch.device("cpu"), progress=False)
+    monkeypatch.setattr(detection, "detection_target", original)
+    assert load_checkpoint(tmp_path / "b" / "detector" / "latest.pt")["iteration"] == 2
+    detection.train_detector(killed, labeled, fmt, torch.device("cpu"), progress=False)
+    a = load_checkpoint(tmp_path / "a" / "detector" / "latest.pt")["models"]["detector"]
+    b = load_checkpoint(tmp_path / "b" / "detector" / "latest.pt")["models"]["detector"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    folder = detection.detect(reference, labeled, torch.device("cpu"), progress=False)
+    assert len(list(folder.glob("*.json"))) == 4
+    boxes, classes = detection.load_detections(reference, 0)
+    assert boxes.shape[1] == 4 and set(classes.tolist()) <= {3, 4, 5}
+    result = detection.box_accuracy(reference, labeled, fmt)
+    assert result["detections"] == sum(result["per_class_count"].values())
+    with pytest.raises(Exception, match="another detector config"):
+        detection.train_detector(detector_config(synthetic_root, tmp_path / "a", lr=1e-3), labeled, fmt, torch.device("cpu"))

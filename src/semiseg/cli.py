@@ -1,4 +1,4 @@
-"""`semiseg` command line: train, eval, predict, split, pseudo-label, bench, plot, quickstart."""
+"""`semiseg` command line: train, eval, predict, split, pseudo-label, detector, bench, plot, quickstart."""
 
 from __future__ import annotations
 
@@ -108,6 +108,37 @@ def _cmd_split(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_detector(args: argparse.Namespace) -> int:
+    from semiseg import detection
+    from semiseg.config import load_config
+    from semiseg.data.formats import get_format
+    from semiseg.data.splits import read_split, resolve_list
+    from semiseg.distributed import resolve_device
+
+    cfg = load_config(args.config, args.overrides)
+    root = Path(cfg.data.root)
+    fmt = get_format(cfg.data.format, cfg.data.num_classes, cfg.data.class_names, root=root)
+    device = resolve_device(cfg.train.device)
+    progress = not args.no_progress
+    if args.action == "train":
+        samples = read_split(resolve_list(cfg.data.labeled, root), root, require_mask=True)
+        print(f"detector checkpoint: {detection.train_detector(cfg, samples, fmt, device, progress)}")
+        return 0
+    if not cfg.data.unlabeled:
+        raise ConfigError("detector detect/eval need data.unlabeled (the images the detections are for)")
+    samples = read_split(resolve_list(cfg.data.unlabeled, root), root, require_mask=args.action == "eval")
+    if args.action == "detect":
+        print(f"detections in {detection.detect(cfg, samples, device, progress)}")
+        return 0
+    result = detection.box_accuracy(cfg, samples, fmt)
+    names = fmt.class_names or [str(c) for c in range(fmt.num_classes)]
+    print(f"{result['detections']} detections (score >= {cfg.detector.score_threshold}), box accuracy (IoU >= 0.8): {100 * result['accuracy']:.1f} %")
+    for c, acc in result["per_class"].items():
+        shown = "-" if acc is None else f"{100 * acc:.1f} %"
+        print(f"  {names[c]:<14}{result['per_class_count'][c]:>6} boxes  {shown}")
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from semiseg.bench import load_grid, markdown_table, run_grid, summarize, write_report
 
@@ -205,6 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_pseudo_label)
+
+    p = sub.add_parser("detector", help="train the RPPI object detector on labeled masks, cache detections, score boxes")
+    p.add_argument("action", choices=["train", "detect", "eval"], help="train on labeled images; detect on unlabeled ones; eval box accuracy (needs their masks)")
+    p.add_argument("config", help="YAML config with a detector section")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. detector.iterations=500")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_detector)
 
     p = sub.add_parser("bench", help="run a grid of methods x seeds and write a comparison table")
     p.add_argument("grid", help="grid YAML (see semiseg.bench)")

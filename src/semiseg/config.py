@@ -167,6 +167,30 @@ class SelfTrainConfig:
 
 
 @dataclass
+class DetectorConfig:
+    """The object detector of reliable pseudo-label pixels (`semiseg detector`, RPPI)."""
+
+    classes: list[int] = field(default_factory=list)
+    """Segmentation classes the detector learns ("thing" classes; stuff classes get no boxes)."""
+    backbone: Literal["resnet50_fpn", "mobilenet_v3_fpn"] = "resnet50_fpn"
+    """torchvision Faster R-CNN backbone, trained from scratch (the paper: ResNet-50 FPN)."""
+    dir: str = "runs/detector"
+    """Folder of the detector's checkpoint and cached detections."""
+    iterations: int = 2000
+    batch_size: int = 4
+    lr: float = 5e-5
+    """Adam learning rate (the released code)."""
+    min_size: int = 800
+    max_size: int = 1333
+    """torchvision's resizing of detector inputs (shorter side, longer side cap)."""
+    score_threshold: float = 0.85
+    """Detections kept on unlabeled images (the paper: 0.85 VOC, 0.95 Cityscapes)."""
+    min_component_pixels: int = 0
+    """Components with fewer pixels of their class get no training box (the released code: 91)."""
+    checkpoint_every: int = 200
+
+
+@dataclass
 class TrainConfig:
     iterations: int = 1000
     eval_every: int = 200
@@ -197,6 +221,7 @@ class Config:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     selftrain: SelfTrainConfig = field(default_factory=SelfTrainConfig)
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = "runs/default"
@@ -217,6 +242,10 @@ class Config:
             positive["train.checkpoint_every"] = self.train.checkpoint_every
         positive["loss.A"] = self.loss.A
         positive["selftrain.temperature"] = self.selftrain.temperature
+        for key in ("iterations", "batch_size", "lr", "min_size", "max_size", "checkpoint_every"):
+            positive[f"detector.{key}"] = getattr(self.detector, key)
+        if not 0 <= self.detector.score_threshold <= 1:
+            raise ConfigError(f"detector.score_threshold must be in [0, 1], got {self.detector.score_threshold}")
         rounds = self.selftrain
         if not (len(rounds.alpha) == len(rounds.beta_min) == len(rounds.beta_max)):
             raise ConfigError(

@@ -1,0 +1,218 @@
+"""`semiseg detector`: the object detector behind reliable pseudo-label pixels (RPPI).
+
+The rank-statistics paper trains a torchvision Faster R-CNN from scratch, only on the
+labeled images, on boxes made from their masks (one per 8-connected component of each
+"thing" class, `semiseg.pseudo.detector.boxes_from_mask`), then keeps its detections on
+the unlabeled images above a score threshold (0.85 VOC, 0.95 Cityscapes).
+
+- `train_detector`: Adam (lr 5e-5, the released code), horizontal flips, checkpoints every
+  `detector.checkpoint_every` steps to DIR/latest.pt (written atomically); running again
+  resumes (model, optimiser, data position and RNG) and a finished run is left as it is.
+- `detect`: detections on every unlabeled image to DIR/detections/NNNNNN.json (score >=
+  the threshold), skipping images already done, so the set is labelled once and cached.
+- `box_accuracy`: the supplement's box accuracy: a detection is correct when its IoU with
+  a box from the ground-truth mask of the same class is at least 0.8.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torchvision.models import detection as tv_detection
+from torchvision.ops import box_iou
+from torchvision.transforms.v2 import functional as TF
+from tqdm import tqdm
+
+from semiseg.checkpoint import (
+    capture_rng,
+    load_checkpoint,
+    restore_rng,
+    save_atomic,
+    seed_everything,
+)
+from semiseg.config import Config, ConfigError, config_to_dict
+from semiseg.data.dataset import load_image
+from semiseg.data.formats import DatasetFormat, Sample
+from semiseg.data.sampling import ResumableSampler
+from semiseg.files import atomic_write_text
+from semiseg.pseudo.detector import boxes_from_mask
+
+BACKBONES = {
+    "resnet50_fpn": tv_detection.fasterrcnn_resnet50_fpn,
+    "mobilenet_v3_fpn": tv_detection.fasterrcnn_mobilenet_v3_large_fpn,
+}
+
+
+def build_detector(cfg: Config) -> nn.Module:
+    """Faster R-CNN without any pretrained weights (the paper trains it from scratch); class
+    k + 1 of the detector is `detector.classes[k]` of the segmentation (0 is background)."""
+    det = cfg.detector
+    if not det.classes:
+        raise ConfigError("detector.classes is empty: list the segmentation classes to detect (thing classes)")
+    return BACKBONES[det.backbone](
+        weights=None,
+        weights_backbone=None,
+        num_classes=len(det.classes) + 1,
+        min_size=det.min_size,
+        max_size=det.max_size,
+    )
+
+
+def detection_target(sample: Sample, fmt: DatasetFormat, cfg: Config) -> tuple[torch.Tensor, dict]:
+    """(image float [3,H,W] in [0,1], {'boxes', 'labels'}) of one labeled sample: boxes of
+    the components of `detector.classes` with at least `detector.min_component_pixels` pixels."""
+    assert sample.mask is not None
+    image = TF.to_dtype(TF.pil_to_tensor(load_image(sample.image)), torch.float32, scale=True)
+    mask = torch.from_numpy(fmt.load_mask(sample.mask).astype(np.int64))
+    boxes, labels = boxes_from_mask(mask, cfg.detector.classes)
+    keep = _component_sizes(mask, boxes, labels) >= cfg.detector.min_component_pixels
+    detector_labels = torch.tensor([cfg.detector.classes.index(int(c)) + 1 for c in labels[keep]], dtype=torch.int64)
+    return image, {"boxes": boxes[keep], "labels": detector_labels}
+
+
+def _component_sizes(mask: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Pixels of each box's class inside it (a lower bound on its component's size)."""
+    sizes = [
+        int((mask[int(y1) : int(y2), int(x1) : int(x2)] == c).sum())
+        for (x1, y1, x2, y2), c in zip(boxes.tolist(), labels.tolist(), strict=True)
+    ]
+    return torch.tensor(sizes, dtype=torch.int64)
+
+
+def _flip(image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
+    width = image.shape[-1]
+    boxes = target["boxes"].clone()
+    boxes[:, [0, 2]] = width - target["boxes"][:, [2, 0]]
+    return image.flip(-1), {**target, "boxes": boxes}
+
+
+def train_detector(cfg: Config, samples: list[Sample], fmt: DatasetFormat, device: torch.device, progress: bool = True) -> Path:
+    """Train (or resume, or leave alone if finished) the detector in `detector.dir`."""
+    det = cfg.detector
+    out = Path(det.dir)
+    latest = out / "latest.pt"
+    seed_everything(cfg.train.seed)  # before building: the initial weights depend on the seed only
+    model = build_detector(cfg).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=det.lr)
+    iteration = 0
+    if latest.is_file():
+        ckpt = load_checkpoint(latest)
+        if ckpt["config"]["detector"] != config_to_dict(cfg)["detector"]:
+            raise ConfigError(f"{latest} was trained with another detector config; use another detector.dir")
+        model.load_state_dict(ckpt["models"]["detector"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        iteration = ckpt["iteration"]
+        restore_rng(ckpt["rng"])
+    if iteration >= det.iterations:
+        return latest
+    sampler = iter(ResumableSampler(len(samples), cfg.train.seed, start=iteration * det.batch_size))
+    model.train()
+    bar = tqdm(total=det.iterations, initial=iteration, desc="detector", disable=not progress, dynamic_ncols=True)
+    while iteration < det.iterations:
+        images, targets = [], []
+        for _ in range(det.batch_size):
+            index, aug_seed = next(sampler)
+            image, target = detection_target(samples[index], fmt, cfg)
+            # The sampler's per-sample seed is a hash of (seed, epoch, position): its parity is
+            # a fair coin that a resumed run draws again identically.
+            if aug_seed % 2:
+                image, target = _flip(image, target)
+            images.append(image.to(device))
+            targets.append({k: v.to(device) for k, v in target.items()})
+        losses = model(images, targets)
+        loss = sum(losses.values())
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"detector loss is {loss.item()} at step {iteration}; lower detector.lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        iteration += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if iteration % det.checkpoint_every == 0 or iteration == det.iterations:
+            ckpt = {
+                "version": 1,
+                "iteration": iteration,
+                "config": config_to_dict(cfg),
+                "num_classes": len(det.classes) + 1,
+                "class_names": [],
+                "models": {"detector": model.state_dict()},
+                "optimizer": optimizer.state_dict(),
+                "rng": capture_rng(),
+            }
+            save_atomic(ckpt, latest)
+    bar.close()
+    return latest
+
+
+def load_detector(cfg: Config, device: torch.device) -> nn.Module:
+    path = Path(cfg.detector.dir) / "latest.pt"
+    ckpt = load_checkpoint(path)
+    if ckpt["iteration"] < cfg.detector.iterations:
+        raise ConfigError(f"{path} is at iteration {ckpt['iteration']} of {cfg.detector.iterations}: finish training first")
+    model = build_detector(cfg)
+    model.load_state_dict(ckpt["models"]["detector"])
+    return model.to(device).eval()
+
+
+def _detection_path(cfg: Config, index: int) -> Path:
+    return Path(cfg.detector.dir) / "detections" / f"{index:06d}.json"
+
+
+@torch.no_grad()
+def detect(cfg: Config, samples: list[Sample], device: torch.device, progress: bool = True) -> Path:
+    """Cache the detections (score >= detector.score_threshold) of every sample; returns the folder."""
+    model = load_detector(cfg, device)
+    classes = cfg.detector.classes
+    todo = [i for i in range(len(samples)) if not _detection_path(cfg, i).is_file()]
+    for i in tqdm(todo, desc="detect", disable=not progress, dynamic_ncols=True):
+        image = TF.to_dtype(TF.pil_to_tensor(load_image(samples[i].image)), torch.float32, scale=True)
+        found = model([image.to(device)])[0]
+        keep = found["scores"] >= cfg.detector.score_threshold
+        record = {
+            "image": str(samples[i].image),
+            "boxes": found["boxes"][keep].cpu().tolist(),
+            "classes": [classes[int(k) - 1] for k in found["labels"][keep].cpu()],
+            "scores": found["scores"][keep].cpu().tolist(),
+        }
+        atomic_write_text(_detection_path(cfg, i), json.dumps(record) + "\n")
+    return Path(cfg.detector.dir) / "detections"
+
+
+def load_detections(cfg: Config, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(boxes [N,4] xyxy, segmentation classes [N]) cached for unlabeled image `index`."""
+    path = _detection_path(cfg, index)
+    if not path.is_file():
+        raise FileNotFoundError(f"no cached detections for unlabeled image {index} ({path}); run `semiseg detector detect`")
+    record = json.loads(path.read_text())
+    boxes = torch.tensor(record["boxes"], dtype=torch.float32).reshape(-1, 4)
+    return boxes, torch.tensor(record["classes"], dtype=torch.int64)
+
+
+def box_accuracy(cfg: Config, samples: list[Sample], fmt: DatasetFormat, iou: float = 0.8) -> dict:
+    """Share of cached detections that match (IoU >= `iou`, same class) a box from the
+    sample's ground-truth mask, overall and per class (supplement Table 1)."""
+    correct = {c: 0 for c in cfg.detector.classes}
+    total = {c: 0 for c in cfg.detector.classes}
+    for i, sample in enumerate(samples):
+        if sample.mask is None:
+            raise ConfigError(f"box accuracy needs ground-truth masks; {sample.image} has none")
+        boxes, classes = load_detections(cfg, i)
+        mask = torch.from_numpy(fmt.load_mask(sample.mask).astype(np.int64))
+        gt_boxes, gt_classes = boxes_from_mask(mask, cfg.detector.classes)
+        for box, c in zip(boxes, classes.tolist(), strict=True):
+            total[c] += 1
+            same = gt_boxes[gt_classes == c]
+            if same.numel() and float(box_iou(box[None], same).max()) >= iou:
+                correct[c] += 1
+    detections = sum(total.values())
+    return {
+        "detections": detections,
+        "accuracy": sum(correct.values()) / detections if detections else float("nan"),
+        "per_class": {c: (correct[c] / total[c] if total[c] else None) for c in cfg.detector.classes},
+        "per_class_count": total,
+    }
