@@ -16,6 +16,7 @@ from semiseg.pseudo import (
     DAWeighting,
     PowerPolicy,
     PseudoLabels,
+    RankWeighting,
     ThresholdPolicy,
     build_policy,
     mean_weight,
@@ -572,6 +573,7 @@ def test_registry_and_build_policy():
         "threshold": ThresholdPolicy,
         "ael": PowerPolicy,
         "daw": DAWeighting,
+        "rankweight": RankWeighting,
     }
     policy = build_policy("threshold", 5, threshold=0.8)
     assert isinstance(policy, ThresholdPolicy) and policy.threshold == 0.8

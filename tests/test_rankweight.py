@@ -182,3 +182,114 @@ def test_detector_trains_resumes_exactly_detects_and_scores(synthetic_root, tmp_
     assert result["detections"] == sum(result["per_class_count"].values())
     with pytest.raises(Exception, match="another detector config"):
         detection.train_detector(detector_config(synthetic_root, tmp_path / "a", lr=1e-3), labeled, fmt, torch.device("cpu"))
+
+
+# ------------------------------------------------------------------- the policy
+def test_unlabeled_transform_carries_detector_bits_through_the_crop():
+    from semiseg.data.transforms import TrainTransform, UnlabeledTransform, denormalize
+
+    image = torch.zeros(3, 8, 10, dtype=torch.uint8)
+    image[:, :, :5] = 255  # the boxed left half is white, so it can be found after a flip
+    detections = torch.zeros(8, 10, dtype=torch.int64)
+    detections[:, :5] = 0b101  # inside boxes of detector classes 0 and 2
+    mask = torch.full((8, 10), 7, dtype=torch.int64)
+    mask[0, 0] = 255
+    views = UnlabeledTransform(TrainTransform(12, (1.0, 1.0), hflip=True))  # crop > image: padding
+    for seed in range(4):  # both flip outcomes
+        torch.manual_seed(seed)
+        out = views(image, mask, detections=detections)
+        valid = out["valid"]
+        assert int(valid.sum()) == 80 and torch.all(out["detections"][~valid] == 0)
+        white = denormalize(out["image"])[0] == 255
+        assert torch.equal(out["detections"] == 5, white & valid)
+        assert set(out["oracle_mask"][valid].unique().tolist()) == {7, 255}
+
+
+def labeled_features() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """2 classes, D = 6: class 0 features peak on dims 0-2, class 1 on dims 3-5; 1 x 2 x 2."""
+    f = torch.zeros(1, 6, 2, 2)
+    f[0, :3, :, 0] = torch.tensor([3.0, 2.0, 1.0])[:, None]
+    f[0, 3:, :, 1] = torch.tensor([1.0, 2.0, 3.0])[:, None]
+    labels = torch.tensor([[[0, 1], [0, 1]]])
+    probs = torch.nn.functional.one_hot(labels, 2).permute(0, 3, 1, 2).float()
+    return f, labels, probs
+
+
+def test_rank_policy_weights_threshold_times_rank_and_round_trips():
+    from semiseg.pseudo import RankWeighting
+
+    features, labels, probs = labeled_features()
+    policy = RankWeighting(2, threshold=0.9, k=3, rppi=False)
+    policy.update(probs, labels, features)
+    unlabeled = torch.zeros(1, 6, 1, 3)
+    unlabeled[0, :3, 0, 0] = torch.tensor([3.0, 2.0, 1.0])  # looks like class 0
+    unlabeled[0, :, 0, 1] = torch.tensor([1.0, 0, 0, 3.0, 2.0, 0])  # top-3 {3, 4, 0}
+    unlabeled[0, :, 0, 2] = torch.tensor([3.0, 2.0, 1.0, 0, 0, 0])
+    u_probs = torch.tensor([[0.95, 0.05], [0.02, 0.98], [0.6, 0.4]]).T.reshape(1, 2, 1, 3)
+    pl = policy(u_probs, features=unlabeled)
+    # pixel 0: class 0, overlap 3/3; pixel 1: class 1 vs {3,4,5}: 2/3; pixel 2: below threshold.
+    assert pl.target.flatten().tolist() == [0, 1, 0]
+    assert pl.weight.flatten().tolist() == pytest.approx([1.0, 2 / 3, 0.0])
+    assert policy.diagnostics()["prototypes"] == 2.0
+    restored = RankWeighting(2, threshold=0.9, k=3, rppi=False)
+    restored.load_state_dict(policy.state_dict())
+    assert torch.equal(restored(u_probs, features=unlabeled).weight, pl.weight)
+    with pytest.raises(ValueError, match="needs the teacher's features"):
+        policy(u_probs)
+
+
+def test_rppi_adds_only_detector_verified_confident_pixels_to_the_unlabeled_bank():
+    from semiseg.pseudo import RankWeighting
+
+    features, labels, probs = labeled_features()
+    policy = RankWeighting(2, threshold=0.0, k=3, rppi=True, reliable_threshold=0.9, detector_classes=[1])
+    policy.update(probs, labels, features)
+    unlabeled = torch.rand(1, 6, 1, 3)
+    u_probs = torch.tensor([[0.02, 0.98], [0.02, 0.98], [0.3, 0.7]]).T.reshape(1, 2, 1, 3)
+    boxes = torch.tensor([[[1, 0, 1]]])  # bit 0 = a box of class 1 covers pixels 0 and 2
+    policy(u_probs, features=unlabeled, detections=boxes)
+    # Pixel 0: class 1, in a box, confident -> reliable. Pixel 1: no box. Pixel 2: not confident.
+    assert policy.unlabeled_bank.counts.tolist() == [0, 1]
+    assert torch.equal(policy.unlabeled_bank.features(1)[0], unlabeled[0, :, 0, 0])
+    assert policy.diagnostics()["reliable_fraction"] == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="detector boxes"):
+        policy(u_probs, features=unlabeled)
+
+
+@pytest.mark.parametrize("scheme", ["fixmatch", "unimatch"])
+def test_rank_policy_trains_with_ppw_and_with_cached_detections(synthetic_root, tmp_path, scheme):
+    import json
+    import math
+
+    from conftest import tiny_config
+
+    from semiseg.config import config_from_dict
+    from semiseg.engine import Trainer, train
+    from semiseg.metrics_log import read_metrics
+
+    def config(name: str, rppi: bool):
+        raw = tiny_config(
+            synthetic_root,
+            tmp_path / name,
+            scheme={"name": scheme},
+            policy={"name": "rankweight", "threshold": 0.0, "rppi": rppi, "reliable_threshold": 0.0},
+            train={"iterations": 2, "eval_every": 2, "log_every": 1},
+        )
+        raw["detector"] = {"classes": [3, 4, 5], "dir": str(tmp_path / "detector")}
+        return config_from_dict(raw)
+
+    train(config("ppw", rppi=False), progress=False)
+    last = [r for r in read_metrics(tmp_path / "ppw" / "metrics.jsonl") if r["split"] == "train"][-1]
+    assert 0 <= last["policy/mean_rank_weight"] <= 1 and last["policy/prototypes"] >= 1
+
+    with pytest.raises(FileNotFoundError, match="semiseg detector detect"):
+        Trainer(config("rppi", rppi=True), progress=False)
+    folder = tmp_path / "detector" / "detections"
+    folder.mkdir(parents=True)
+    for i in range(16):  # one image-wide box of class 3 on every unlabeled image
+        record = {"image": "", "boxes": [[0, 0, 64, 48]], "classes": [3], "scores": [0.99]}
+        (folder / f"{i:06d}.json").write_text(json.dumps(record))
+    train(config("rppi", rppi=True), progress=False)
+    last = [r for r in read_metrics(tmp_path / "rppi" / "metrics.jsonl") if r["split"] == "train"][-1]
+    assert math.isfinite(last["loss"]) and last["policy/reliable_fraction"] > 0
+    assert last["policy/unlabeled_bank_fill"] > 0

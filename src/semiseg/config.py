@@ -109,7 +109,7 @@ class SchemeConfig:
 class PolicyConfig:
     """Which unlabeled pixels teach the student, with what weight (semiseg.pseudo)."""
 
-    name: Literal["pseudo_label", "threshold", "ael", "daw"] = "threshold"
+    name: Literal["pseudo_label", "threshold", "ael", "daw", "rankweight"] = "threshold"
     threshold: float = 0.95
     """Confidence threshold of the `threshold` policy (FixMatch/UniMatch: 0.95)."""
     power: float = 2.0
@@ -122,6 +122,20 @@ class PolicyConfig:
     """DAW's optimal step threshold t* (Eq. 11); off leaves alignment alone (Table 4)."""
     variant: Literal["paper", "official"] = "paper"
     """Follow the paper's equations or reproduce the released code (see METHODS)."""
+    k: int = 5
+    """rankweight: size of the top-k index sets compared (the paper's 5)."""
+    bank_size: int = 256
+    """rankweight: features kept per class in each memory bank (psi)."""
+    per_update: int | None = None
+    """rankweight: at most this many features per class enter a bank per step (None: all)."""
+    similarity: Literal["rank", "cosine"] = "rank"
+    """rankweight: rank statistics (the method) or cosine similarity (its Fig. 6 comparison)."""
+    rppi: bool = True
+    """rankweight: prototypes also from detector-verified reliable unlabeled pixels (RPPI); off = PPW alone."""
+    reliable_threshold: float = 0.95
+    """rankweight: teacher confidence a detector-verified pixel needs to be reliable."""
+    base: Literal["threshold", "ael"] = "threshold"
+    """rankweight: the weight it multiplies, 1[conf >= threshold] or AEL's power weight."""
 
 
 @dataclass

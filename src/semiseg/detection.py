@@ -39,7 +39,7 @@ from semiseg.data.dataset import load_image
 from semiseg.data.formats import DatasetFormat, Sample
 from semiseg.data.sampling import ResumableSampler
 from semiseg.files import atomic_write_text
-from semiseg.pseudo.detector import boxes_from_mask
+from semiseg.pseudo.detector import box_class_map, boxes_from_mask
 
 BACKBONES = {
     "resnet50_fpn": tv_detection.fasterrcnn_resnet50_fpn,
@@ -191,6 +191,27 @@ def load_detections(cfg: Config, index: int) -> tuple[torch.Tensor, torch.Tensor
     record = json.loads(path.read_text())
     boxes = torch.tensor(record["boxes"], dtype=torch.float32).reshape(-1, 4)
     return boxes, torch.tensor(record["classes"], dtype=torch.int64)
+
+
+def detection_bitmask(cfg: Config, index: int, size: tuple[int, int]) -> torch.Tensor:
+    """int64 [H,W] for unlabeled image `index`: bit i is set inside the cached boxes of
+    class `detector.classes[i]` (what `UnlabeledTransform` carries through augmentation)."""
+    boxes, classes = load_detections(cfg, index)
+    inside = box_class_map(boxes, classes, max(cfg.detector.classes) + 1, size)
+    bits = torch.zeros(size, dtype=torch.int64)
+    for bit, c in enumerate(cfg.detector.classes):
+        bits |= inside[c].long() << bit
+    return bits
+
+
+def check_detections(cfg: Config, count: int) -> None:
+    """Fail before training when the detections of some unlabeled image are not cached."""
+    missing = [i for i in range(count) if not _detection_path(cfg, i).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} of {count} unlabeled images have no cached detections in {Path(cfg.detector.dir) / 'detections'} "
+            f"(first: index {missing[0]}); run `semiseg detector train` and `semiseg detector detect` with this config"
+        )
 
 
 def box_accuracy(cfg: Config, samples: list[Sample], fmt: DatasetFormat, iou: float = 0.8) -> dict:

@@ -8,6 +8,7 @@ into a loss. Only this module and the CLI touch the file system.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -35,9 +36,11 @@ from semiseg.data.formats import DataError, DatasetFormat, Sample, get_format
 from semiseg.data.sampling import ResumableSampler, ShardSampler
 from semiseg.data.splits import read_split, resolve_list
 from semiseg.data.transforms import TrainTransform, UnlabeledTransform, eval_transform
+from semiseg.detection import check_detections, detection_bitmask
 from semiseg.distributed import (
     DistContext,
     all_gather_objects,
+    all_gather_pairs,
     all_reduce_sum,
     barrier,
     cleanup,
@@ -153,12 +156,21 @@ POLICY_OPTIONS = {
     "threshold": ("threshold",),
     "ael": ("power",),
     "daw": ("momentum", "align", "weighting", "variant"),
+    "rankweight": (
+        "threshold", "k", "bank_size", "per_update", "similarity", "variant", "rppi", "reliable_threshold", "base", "power",
+    ),
 }
 
 
-def build_policy_from_config(cfg: Config, num_classes: int, reduce: Callable | None) -> Policy:
+def build_policy_from_config(cfg: Config, num_classes: int, ctx: DistContext) -> Policy:
     options = {key: getattr(cfg.policy, key) for key in POLICY_OPTIONS[cfg.policy.name]}
-    return build_policy(cfg.policy.name, num_classes, reduce=reduce, **options)
+    if cfg.policy.name == "rankweight":
+        options.update(
+            detector_classes=cfg.detector.classes,
+            gather=all_gather_pairs if ctx.distributed else None,
+            seed=cfg.train.seed,
+        )
+    return build_policy(cfg.policy.name, num_classes, reduce=all_reduce_sum if ctx.distributed else None, **options)
 
 
 def load_warm_start(path: str, num_classes: int) -> dict[str, Tensor]:
@@ -253,7 +265,9 @@ class Trainer:
             models[name] = self._prepare(model)
         policy = None
         if self.scheme_cls.uses_unlabeled:
-            policy = build_policy_from_config(cfg, self.num_classes, all_reduce_sum if self.ctx.distributed else None)
+            policy = build_policy_from_config(cfg, self.num_classes, self.ctx)
+        if policy is not None and self._uses_detections():
+            check_detections(cfg, len(self.data.unlabeled or []))
         self.scheme: Scheme = self.scheme_cls(cfg, models, self.num_classes, policy)
         self.optimizer = torch.optim.SGD(
             self.scheme.parameter_groups(cfg.optim.lr, cfg.optim.head_lr_mult),
@@ -273,6 +287,9 @@ class Trainer:
         if resuming:
             self._resume(latest)
 
+    def _uses_detections(self) -> bool:
+        return self.cfg.policy.name == "rankweight" and self.cfg.policy.rppi
+
     def _prepare(self, model: nn.Module) -> nn.Module:
         model = model.to(self.ctx.device)
         if self.ctx.distributed:
@@ -285,10 +302,16 @@ class Trainer:
 
     # ----------------------------------------------------------------- data
     def _train_loader(
-        self, samples: list[Sample], batch_size: int, with_mask: bool, seed: int, transform: Callable
+        self,
+        samples: list[Sample],
+        batch_size: int,
+        with_mask: bool,
+        seed: int,
+        transform: Callable,
+        detections: Callable | None = None,
     ) -> Iterator:
         cfg = self.cfg.data
-        dataset = SegmentationDataset(samples, self.data.fmt, transform, with_mask=with_mask)
+        dataset = SegmentationDataset(samples, self.data.fmt, transform, with_mask=with_mask, detections=detections)
         sampler = ResumableSampler(
             len(samples),
             seed,
@@ -446,9 +469,10 @@ class Trainer:
             batch_u = cfg.data.unlabeled_batch_size or cfg.data.batch_size
             views = UnlabeledTransform(weak, cutmix_p=cfg.scheme.cutmix_p)
             oracle = cfg.scheme.oracle_eval
-            unlabeled_iter = self._train_loader(self.data.unlabeled, batch_u, oracle, cfg.train.seed + 1, views)
+            boxes = functools.partial(detection_bitmask, cfg) if self._uses_detections() else None
+            unlabeled_iter = self._train_loader(self.data.unlabeled, batch_u, oracle, cfg.train.seed + 1, views, boxes)
             # UniMatch draws the CutMix source as a second, independent unlabeled stream.
-            mix_iter = self._train_loader(self.data.unlabeled, batch_u, False, cfg.train.seed + 2, views)
+            mix_iter = self._train_loader(self.data.unlabeled, batch_u, False, cfg.train.seed + 2, views, boxes)
         elif self.data.pseudo_labeled is not None:
             # Self-training: pseudo-labeled crops augmented like the labeled ones (DARS Eq. 2).
             batch_u = cfg.data.unlabeled_batch_size or cfg.data.batch_size

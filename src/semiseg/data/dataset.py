@@ -60,7 +60,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
     `dataset[i]` draws augmentation from torch's global RNG; `dataset[(i, seed)]` makes
     it a function of `seed` alone, leaving the caller's RNG state untouched. Items are
     `transform(image, mask)` (image uint8 [3, H, W], mask int64 [H, W] or None) plus
-    'index' (int) and 'name' (image file stem).
+    'index' (int) and 'name' (image file stem). With `detections(index, (H, W))` (a detector
+    box bitmask int64 [H, W] per image) the transform also gets `detections=`.
     """
 
     def __init__(
@@ -69,11 +70,13 @@ class SegmentationDataset(torch.utils.data.Dataset):
         fmt: DatasetFormat,
         transform: Transform,
         with_mask: bool = True,
+        detections: Callable[[int, tuple[int, int]], torch.Tensor] | None = None,
     ) -> None:
         self.samples = list(samples)
         self.fmt = fmt
         self.transform = transform
         self.with_mask = with_mask
+        self.detections = detections
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -89,7 +92,11 @@ class SegmentationDataset(torch.utils.data.Dataset):
         if self.with_mask:
             labels = self._load_labels(sample, pil_image.size)
             mask = tv_tensors.Mask(torch.from_numpy(labels.astype(np.int64)))
-        out = dict(self._transform(image, mask, seed))
+        extra = {}
+        if self.detections is not None:
+            width, height = pil_image.size
+            extra["detections"] = self.detections(index, (height, width))
+        out = dict(self._transform(image, mask, seed, **extra))
         out["index"] = index
         out["name"] = sample.image.stem
         return out
@@ -115,13 +122,13 @@ class SegmentationDataset(torch.utils.data.Dataset):
         return labels
 
     def _transform(
-        self, image: tv_tensors.Image, mask: tv_tensors.Mask | None, seed: int | None
+        self, image: tv_tensors.Image, mask: tv_tensors.Mask | None, seed: int | None, **extra: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         if seed is None:
-            return self.transform(image, mask)
+            return self.transform(image, mask, **extra)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return self.transform(image, mask)
+            return self.transform(image, mask, **extra)
 
 
 def _sample_problems(sample: Sample, fmt: DatasetFormat, deep: bool) -> list[str]:

@@ -19,6 +19,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 EVAL_MODES = ("none", "resize", "sliding")
 _ORACLE_VOID = 1000  # stand-in for a void label while the padding is being tracked
+_DETECTION_SHIFT = 1024  # detector bits sit above every label value in the tracking marker
 
 ImageAndMask = tuple[tv_tensors.Image, tv_tensors.Mask | None]
 
@@ -282,7 +283,9 @@ class UnlabeledTransform:
     (research diagnostics only: `oracle_mask`), it follows the crop but never the training.
 
     Returns {'image', 'strong1', 'strong2': float [3,h,w] normalised; 'box1', 'box2',
-    'valid': bool [h,w]; 'oracle_mask': int64 [h,w] when a mask was given}.
+    'valid': bool [h,w]; 'oracle_mask': int64 [h,w] when a mask was given; 'detections':
+    int64 [h,w] when a detector box bitmask was given (it follows the crop like the mask;
+    0 on padding)}.
     """
 
     def __init__(
@@ -296,18 +299,27 @@ class UnlabeledTransform:
         self.strong = strong or StrongTransform()
         self.cutmix_p = cutmix_p
 
-    def __call__(self, image: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def __call__(
+        self, image: torch.Tensor, mask: torch.Tensor | None = None, detections: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         height, width = image.shape[-2:]
         ignore = self.weak.ignore_index
         # The crop's padding comes back as ignore_index in the marker. Void pixels of an oracle
         # mask are moved out of the way first, so `valid` depends on the padding alone and no
-        # ground truth reaches training.
+        # ground truth reaches training. Detector bits ride in the same marker, above the label
+        # values (so one nearest-neighbour resampling moves all of them together).
         if mask is None:
             marker = torch.zeros(height, width, dtype=torch.int64)
         else:
             marker = torch.where(mask == ignore, _ORACLE_VOID, mask.as_subclass(torch.Tensor).long())
+        if detections is not None:
+            marker = marker + _DETECTION_SHIFT * detections.as_subclass(torch.Tensor).long()
         crop, marker = self.weak.geometric(image, marker)
         marker = marker.as_subclass(torch.Tensor)
+        valid = marker != ignore
+        if detections is not None:
+            detected = torch.where(valid, marker // _DETECTION_SHIFT, 0)
+            marker = torch.where(valid, marker % _DETECTION_SHIFT, marker)
         h, w = crop.shape[-2:]
         out = {
             "image": normalize(crop),
@@ -315,8 +327,10 @@ class UnlabeledTransform:
             "box1": cutmix_box(h, w, p=self.cutmix_p),
             "strong2": normalize(self.strong(crop)),
             "box2": cutmix_box(h, w, p=self.cutmix_p),
-            "valid": marker != ignore,
+            "valid": valid,
         }
         if mask is not None:
             out["oracle_mask"] = torch.where(marker == _ORACLE_VOID, ignore, marker)
+        if detections is not None:
+            out["detections"] = detected
         return out

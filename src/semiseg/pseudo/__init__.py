@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from semiseg.pseudo.base import IGNORE_INDEX, Policy, PseudoLabels, mean_weight, used_fraction
 from semiseg.pseudo.daw import DAWeighting, optimal_threshold, trade_off
+from semiseg.pseudo.rankweight import RankWeighting
 from semiseg.pseudo.threshold import ConstantPolicy, PowerPolicy, ThresholdPolicy
 
 POLICIES: dict[str, type[Policy]] = {
-    cls.name: cls for cls in (ConstantPolicy, ThresholdPolicy, PowerPolicy, DAWeighting)
+    cls.name: cls for cls in (ConstantPolicy, ThresholdPolicy, PowerPolicy, DAWeighting, RankWeighting)
 }
 
 
@@ -31,6 +32,7 @@ __all__ = [
     "Policy",
     "PowerPolicy",
     "PseudoLabels",
+    "RankWeighting",
     "ThresholdPolicy",
     "build_policy",
     "mean_weight",

@@ -68,15 +68,25 @@ class Policy:
         self.num_classes = int(num_classes)
         self.reduce: Callable[[Tensor], Tensor] = reduce if reduce is not None else _identity
 
+    needs_features: ClassVar[bool] = False
+    """The policy also takes pixel features (and detections) in `update` and `__call__`."""
+
     @torch.no_grad()
-    def __call__(self, probs: Tensor, valid: Tensor | None = None) -> PseudoLabels:
+    def __call__(
+        self, probs: Tensor, valid: Tensor | None = None, features: Tensor | None = None, detections: Tensor | None = None
+    ) -> PseudoLabels:
         """Pseudo labels for softmax probabilities `probs` [B,C,H,W] of the teacher.
 
         `valid` [B,H,W] bool is False on padding or ignored pixels: they get weight 0 and
         target 255 and never enter a policy's statistics. None means every pixel is valid.
+        `features` [B,D,h,w] (the teacher's penultimate features) and `detections` [B,H,W]
+        (detector box bitmasks) are for policies with `needs_features`; others ignore them.
         """
         valid = self._valid_mask(probs, valid)
-        confidence, target, weight = self._select(probs.float(), valid)
+        if self.needs_features:
+            confidence, target, weight = self._select_with(probs.float(), valid, features, detections)
+        else:
+            confidence, target, weight = self._select(probs.float(), valid)
         return PseudoLabels(
             target=target.masked_fill(~valid, IGNORE_INDEX),
             weight=weight.float().masked_fill(~valid, 0.0),
@@ -91,8 +101,15 @@ class Policy:
         """
         raise NotImplementedError(f"{type(self).__name__} does not implement _select")
 
-    def update(self, probs: Tensor, labels: Tensor) -> None:
-        """Statistics from labeled predictions: probs [B,C,H,W], labels [B,H,W] (255 ignored).
+    def _select_with(
+        self, probs: Tensor, valid: Tensor, features: Tensor | None, detections: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """`_select` for policies with `needs_features`."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement _select_with")
+
+    def update(self, probs: Tensor, labels: Tensor, features: Tensor | None = None) -> None:
+        """Statistics from labeled predictions: probs [B,C,H,W], labels [B,H,W] (255 ignored),
+        and for policies with `needs_features` the features [B,D,h,w] of those pixels.
 
         Stateless policies ignore it.
         """

@@ -265,10 +265,11 @@ class DAWeighting(Policy):
     # -- statistics -----------------------------------------------------------------------
 
     @torch.no_grad()
-    def update(self, probs: Tensor, labels: Tensor) -> None:
+    def update(self, probs: Tensor, labels: Tensor, features: Tensor | None = None) -> None:
         """Refit both Gaussians (Eq. 5-6) and t* (Eq. 11) from labeled predictions.
 
-        probs [B,C,H,W] softmax of the model on labeled images; labels [B,H,W], 255 ignored.
+        probs [B,C,H,W] softmax of the model on labeled images; labels [B,H,W], 255 ignored;
+        `features` is not used.
         Also updates the labeled DA distribution when `align`. One host sync (t* is a float).
         """
         self._check_probs(probs)

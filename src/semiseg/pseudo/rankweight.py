@@ -15,11 +15,16 @@ the weight is deterministic under ties.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from semiseg.pseudo.base import Policy
+from semiseg.pseudo.memory import FeatureBank, Gather, combined_prototypes
+from semiseg.pseudo.threshold import PowerPolicy, ThresholdPolicy
 
 IGNORE_INDEX = 255
 Variant = Literal["paper", "official"]
@@ -103,16 +108,22 @@ def _finish(weight: Tensor, pseudo_label: Tensor, prototype_valid: Tensor | None
     return weight.masked_fill(pseudo_label == IGNORE_INDEX, 0.0)
 
 
+def cosine_table(features: Tensor, prototypes: Tensor) -> Tensor:
+    """Cosine similarity of every pixel feature with every prototype, clamped to [0, 1],
+    [B,C,H,W] (the paper's comparison, Fig. 6)."""
+    f = F.normalize(features.float(), dim=1)
+    p = F.normalize(prototypes.float(), dim=1)
+    return torch.einsum("bdhw,cd->bchw", f, p).clamp(min=0.0)
+
+
 def cosine_weight(
     features: Tensor, prototypes: Tensor, pseudo_label: Tensor, prototype_valid: Tensor | None = None
 ) -> Tensor:
-    """The paper's comparison (Fig. 6): cosine similarity of feature and prototype of the
-    pseudo class, clamped to [0, 1], [B,H,W] (same conventions as `rank_weight`)."""
-    f = F.normalize(features.float(), dim=1)
-    p = F.normalize(prototypes.float(), dim=1)
+    """Cosine-similarity weight of each pixel's pseudo class, [B,H,W] (conventions of
+    `rank_weight`: 1 without a prototype, 0 without a pseudo label)."""
+    table = cosine_table(features, prototypes)
     label = pseudo_label.clamp(max=prototypes.shape[0] - 1)
-    chosen = p[label].permute(0, 3, 1, 2)  # [B, D, H, W]
-    return _finish((f * chosen).sum(dim=1).clamp(min=0.0), pseudo_label, prototype_valid)
+    return _finish(table.gather(1, label.unsqueeze(1)).squeeze(1), pseudo_label, prototype_valid)
 
 
 def rank_weight_at(
@@ -130,3 +141,156 @@ def rank_weight_at(
     s = rank_overlap(features, prototypes, k).float()
     s = F.interpolate(s, size=pseudo_label.shape[-2:], mode="nearest").long()
     return _pick(s, pseudo_label, k, prototype_valid, variant)
+
+
+def _to_grid(maps: Tensor, size: tuple[int, int]) -> Tensor:
+    """Nearest-neighbour resampling of [B,H,W] maps (labels, masks, confidences) to `size`."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    return F.interpolate(maps[:, None].float(), size=size, mode="nearest")[:, 0].to(maps.dtype)
+
+
+def _pixels(features: Tensor, keep: Tensor) -> Tensor:
+    """The feature vectors [N,D] of the pixels where `keep` [B,h,w] is True."""
+    return features.permute(0, 2, 3, 1)[keep]
+
+
+class RankWeighting(Policy):
+    """Pseudo-label pixel weighting by rank statistics (PPW), optionally with detector-verified
+    reliable pixels in the prototypes (RPPI): the paper's Eq. 5-6 as a policy.
+
+    weight = base(confidence) x W, with base the confidence threshold 1[p >= tau] (FixMatch,
+    UniMatch; `base="ael"`: AEL's normalised power weight) and W = `rank_weight` of the
+    pixel's feature against its pseudo class's prototype (`similarity="cosine"` for the
+    paper's Fig. 6 comparison). Prototypes are the mean of a labeled FIFO bank (`update`
+    pushes a random subset of each labeled class's pixel features) and, with `rppi`, of an
+    unlabeled bank fed with reliable pixels: inside a detected box of their pseudo class
+    (`detections`, a bitmask per pixel: bit i = inside a box of `detector_classes[i]`) with
+    confidence >= `reliable_threshold`. Classes without a labeled feature yet get W = 1.
+
+    Choices where the paper is silent: features are the ones the weights are computed from
+    (the weak view's, at decoder resolution; labels and masks are taken nearest-neighbour on
+    that grid), and at most `per_update` features per class and step enter a bank (None: all).
+    `variant="official"`: W = 1 + s/k and only correctly predicted labeled pixels with
+    confidence > 0.95 enter the labeled bank, as in the released code.
+    """
+
+    name = "rankweight"
+    needs_features = True
+
+    def __init__(
+        self,
+        num_classes: int,
+        threshold: float = 0.95,
+        k: int = 5,
+        bank_size: int = 256,
+        per_update: int | None = None,
+        similarity: Literal["rank", "cosine"] = "rank",
+        variant: Variant = "paper",
+        rppi: bool = True,
+        reliable_threshold: float = 0.95,
+        base: Literal["threshold", "ael"] = "threshold",
+        power: float = 2.0,
+        detector_classes: tuple[int, ...] | list[int] = (),
+        reduce: Callable[[Tensor], Tensor] | None = None,
+        gather: Gather | None = None,
+        seed: int = 0,
+    ):
+        super().__init__(num_classes, reduce)
+        if similarity not in ("rank", "cosine"):
+            raise ValueError(f"similarity must be 'rank' or 'cosine', got {similarity!r}")
+        if variant not in ("paper", "official"):
+            raise ValueError(f"variant must be 'paper' or 'official', got {variant!r}")
+        if rppi and not detector_classes:
+            raise ValueError("RPPI needs the detector's classes (detector.classes); or set rppi off (PPW alone)")
+        self.base: Policy = ThresholdPolicy(num_classes, threshold) if base == "threshold" else PowerPolicy(num_classes, power)
+        self.k, self.bank_size, self.per_update = k, bank_size, per_update
+        self.similarity, self.variant, self.rppi = similarity, variant, rppi
+        self.reliable_threshold = reliable_threshold
+        self.detector_bit = torch.full((num_classes,), -1, dtype=torch.int64)
+        for bit, c in enumerate(detector_classes):
+            self.detector_bit[c] = bit
+        self.gather, self.seed = gather, seed
+        self.labeled_bank: FeatureBank | None = None
+        self.unlabeled_bank: FeatureBank | None = None
+        self._logs: dict[str, float] = {}
+
+    def _banks(self, dim: int) -> tuple[FeatureBank, FeatureBank]:
+        if self.labeled_bank is None or self.unlabeled_bank is None:
+            options = {"size": self.bank_size, "per_update": self.per_update, "gather": self.gather}
+            self.labeled_bank = FeatureBank(self.num_classes, dim, seed=self.seed, **options)
+            self.unlabeled_bank = FeatureBank(self.num_classes, dim, seed=self.seed + 1, **options)
+        return self.labeled_bank, self.unlabeled_bank
+
+    @torch.no_grad()
+    def update(self, probs: Tensor, labels: Tensor, features: Tensor | None = None) -> None:
+        """Push labeled pixel features [B,D,h,w] with their labels [B,H,W] into the labeled bank."""
+        if features is None:
+            raise ValueError("the rankweight policy needs the labeled pixels' features in update()")
+        self._check_probs(probs)
+        labeled, _ = self._banks(features.shape[1])
+        size = tuple(features.shape[-2:])
+        labels = _to_grid(labels, size)
+        keep = labels != IGNORE_INDEX
+        if self.variant == "official":
+            confidence, pred = probs.max(dim=1)
+            keep &= (_to_grid(pred, size) == labels) & (_to_grid(confidence, size) > 0.95)
+        labeled.push(_pixels(features, keep), labels[keep])
+
+    def _select_with(
+        self, probs: Tensor, valid: Tensor, features: Tensor | None, detections: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        if features is None:
+            raise ValueError("the rankweight policy needs the teacher's features (schemes fixmatch and unimatch pass them)")
+        confidence, target, base_weight = self.base._select(probs, valid)
+        labeled, unlabeled = self._banks(features.shape[1])
+        if self.rppi:
+            prototypes, prototype_valid = combined_prototypes(labeled, unlabeled)
+        else:
+            prototypes, prototype_valid = labeled.prototypes()
+        prototypes, prototype_valid = prototypes.to(features.device), prototype_valid.to(features.device)
+        label = target.masked_fill(~valid, IGNORE_INDEX)
+        if self.similarity == "rank":
+            w = rank_weight_at(features, prototypes, label, self.k, prototype_valid, self.variant)
+        else:
+            table = F.interpolate(cosine_table(features, prototypes), size=label.shape[-2:], mode="nearest")
+            w = _finish(table.gather(1, target.unsqueeze(1)).squeeze(1), label, prototype_valid)
+        used = valid & (base_weight > 0)
+        self._logs = {
+            "mean_rank_weight": float(w[used].mean()) if bool(used.any()) else float("nan"),
+            "prototypes": float(prototype_valid.sum()),
+        }
+        if self.rppi:
+            if detections is None:
+                raise ValueError("RPPI needs detector boxes for the unlabeled images (run `semiseg detector detect`)")
+            reliable = valid & self.inside_box(target, detections) & (confidence >= self.reliable_threshold)
+            size = tuple(features.shape[-2:])
+            on_grid = _to_grid(reliable, size)
+            unlabeled.push(_pixels(features, on_grid), _to_grid(target, size)[on_grid])
+            self._logs["reliable_fraction"] = float(reliable.sum() / valid.sum().clamp(min=1))
+        return confidence, target, base_weight * w
+
+    def inside_box(self, target: Tensor, detections: Tensor) -> Tensor:
+        """bool [B,H,W]: the pixel lies in a detected box of its pseudo class (RPPI criterion 1)."""
+        bit = self.detector_bit.to(target.device)[target]
+        return (bit >= 0) & ((detections >> bit.clamp(min=0)) & 1).bool()
+
+    def diagnostics(self) -> dict[str, float]:
+        logs = dict(self._logs)
+        if self.labeled_bank is not None and self.unlabeled_bank is not None:
+            logs["labeled_bank_fill"] = float(self.labeled_bank.counts.sum()) / (self.num_classes * self.bank_size)
+            logs["unlabeled_bank_fill"] = float(self.unlabeled_bank.counts.sum()) / (self.num_classes * self.bank_size)
+        return logs
+
+    def state_dict(self) -> dict:
+        banks = None
+        if self.labeled_bank is not None and self.unlabeled_bank is not None:
+            banks = {"labeled": self.labeled_bank.state_dict(), "unlabeled": self.unlabeled_bank.state_dict()}
+        return {**super().state_dict(), "banks": banks}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._check_state(state, ("banks",))
+        if state["banks"] is not None:
+            labeled, unlabeled = self._banks(state["banks"]["labeled"]["queues"].shape[-1])
+            labeled.load_state_dict(state["banks"]["labeled"])
+            unlabeled.load_state_dict(state["banks"]["unlabeled"])

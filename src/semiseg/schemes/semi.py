@@ -47,8 +47,19 @@ class SemiScheme(Scheme):
             raise ValueError(f"scheme {cfg.scheme.name!r} needs a pseudo-label policy")
         self.policy: Policy = policy
 
-    def label(self, probs: Tensor, valid: Tensor, probs_mix: Tensor, valid_mix: Tensor) -> tuple[PseudoLabels, PseudoLabels]:
+    def label(
+        self,
+        probs: Tensor,
+        valid: Tensor,
+        probs_mix: Tensor,
+        valid_mix: Tensor,
+        features: tuple[Tensor, Tensor] | None = None,
+        detections: tuple[Tensor, Tensor] | None = None,
+    ) -> tuple[PseudoLabels, PseudoLabels]:
         """One policy call on the batch and its CutMix source, so statistics see both at once.
+
+        `features` (teacher features of both batches) and `detections` (detector box bitmasks
+        of both) are passed on to policies that use them (`rankweight`).
 
         With the FPL loss (`loss.name: fpl`) the pseudo labels also carry each pixel's fuzzy
         positive set, taken from the teacher's probabilities as they are (before any
@@ -56,7 +67,12 @@ class SemiScheme(Scheme):
         weight: DAW + FPL uses FPL only on the pixels DAW keeps.
         """
         probs_all = torch.cat([probs, probs_mix])
-        both = self.policy(probs_all, torch.cat([valid, valid_mix]))
+        both = self.policy(
+            probs_all,
+            torch.cat([valid, valid_mix]),
+            features=torch.cat(features) if features is not None else None,
+            detections=torch.cat(detections) if detections is not None else None,
+        )
         loss_cfg = self.cfg.loss
         if loss_cfg.name == "fpl":
             positive = fuzzy_positive_mask(probs_all, loss_cfg.T, loss_cfg.variant)
@@ -180,6 +196,13 @@ def fpl_gradient_scores(logits: Tensor, pl: PseudoLabels, oracle: Tensor) -> dic
         logs[f"fpl/R_case{c}"] = r_fpl[part].mean() if count > 0 else float("nan")
         logs[f"fpl/R_ce_case{c}"] = r_ce[part].mean() if count > 0 else float("nan")
     return logs
+
+
+def detection_masks(unlabeled: dict, mix: dict) -> tuple[Tensor, Tensor] | None:
+    """The detector box bitmasks of the batch and its CutMix source, when the data has them."""
+    if "detections" not in unlabeled or "detections" not in mix:
+        return None
+    return unlabeled["detections"], mix["detections"]
 
 
 def softmax(logits: Tensor) -> Tensor:
