@@ -87,7 +87,7 @@ class OptimConfig:
 
 @dataclass
 class SchemeConfig:
-    name: Literal["supervised", "fixmatch", "unimatch", "mean_teacher", "cps", "self_training"] = "supervised"
+    name: Literal["supervised", "fixmatch", "unimatch", "mean_teacher", "cps", "self_training", "stpg"] = "supervised"
     ema_decay: float = 0.0
     """Decay of an EMA copy of the student kept for evaluation (UniMatch/DAW use 0.999); 0 keeps none."""
     eval_ema: bool = False
@@ -181,6 +181,34 @@ class SelfTrainConfig:
 
 
 @dataclass
+class STPGConfig:
+    """STPG's dual mean teacher with pixel selection and dual contrastive learning (scheme `stpg`)."""
+
+    selection: Literal["cons", "cons+lmis", "cons+hmis", "all"] = "cons+hmis"
+    """Gen-Teacher pixels that teach Pro-Student (Table 5): the method is cons+hmis; all = no selection (DM)."""
+    lambda_u: float = 1.0
+    """Weight of the two unlabeled losses (Eq. 17)."""
+    lambda_ctr: float = 0.1
+    """Weight of the anchor contrastive and similarity losses (Eq. 17); 0 turns DCL off."""
+    tau: float = 0.5
+    """Temperature of the anchor losses (Eq. 12, 15)."""
+    alpha: float = 0.99
+    """EMA momentum of the class prototypes (Eq. 13)."""
+    phi: float = 0.95
+    """Gen-Teacher confidence a labeled pixel needs to enter the memory bank."""
+    bank_size: int = 256
+    """Features per class in the memory bank (N)."""
+    bank_topk: int = 32
+    """Proximity-guided sampling: per class and step, the K confident features closest to their anchor enter the bank."""
+    match_after: int = 100
+    """Steps of prototype EMA before anchors are matched (Hungarian) and the contrastive losses start."""
+    anchor_steps: int = 2000
+    """Adam steps that spread the anchors (Eq. 12) once, before training."""
+    contrast_pixels: int = 2048
+    """Labeled pixels per student and step in the contrastive losses (a random subset, for memory)."""
+
+
+@dataclass
 class DetectorConfig:
     """The object detector of reliable pseudo-label pixels (`semiseg detector`, RPPI)."""
 
@@ -236,6 +264,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     selftrain: SelfTrainConfig = field(default_factory=SelfTrainConfig)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
+    stpg: STPGConfig = field(default_factory=STPGConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = "runs/default"
@@ -258,6 +287,12 @@ class Config:
         positive["selftrain.temperature"] = self.selftrain.temperature
         for key in ("iterations", "batch_size", "lr", "min_size", "max_size", "checkpoint_every"):
             positive[f"detector.{key}"] = getattr(self.detector, key)
+        for key in ("tau", "bank_size", "bank_topk", "anchor_steps", "contrast_pixels"):
+            positive[f"stpg.{key}"] = getattr(self.stpg, key)
+        if self.stpg.lambda_u < 0 or self.stpg.lambda_ctr < 0:
+            raise ConfigError("stpg.lambda_u and stpg.lambda_ctr must be >= 0")
+        if not 0 <= self.stpg.alpha < 1 or not 0 <= self.stpg.phi <= 1:
+            raise ConfigError(f"stpg.alpha must be in [0, 1) and stpg.phi in [0, 1], got {self.stpg.alpha}, {self.stpg.phi}")
         if not 0 <= self.detector.score_threshold <= 1:
             raise ConfigError(f"detector.score_threshold must be in [0, 1], got {self.detector.score_threshold}")
         rounds = self.selftrain

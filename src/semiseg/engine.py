@@ -193,6 +193,8 @@ def _load_weights(model: nn.Module, state: dict[str, Tensor], path: str) -> None
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # tensor shape mismatches
         raise ValueError(f"model.init_from: {path} does not fit this model: {err}") from None
+    # A warm start from a run without a projection head leaves the new head as initialised.
+    missing = [k for k in missing if not k.startswith("projector.")]
     if missing or unexpected:
         raise ValueError(
             f"model.init_from: {path} does not fit this model (missing keys: {missing[:5]}, "
@@ -258,6 +260,7 @@ class Trainer:
                 self.num_classes,
                 pretrained=cfg.model.pretrained,
                 output_stride=cfg.model.output_stride,
+                projection_dim=self.scheme_cls.projection_dim,
             )
             if warm_start is not None:
                 # Before the scheme exists, so teachers and EMA copies start from it too.

@@ -20,6 +20,7 @@ from semiseg.data.transforms import eval_transform
 from semiseg.distributed import resolve_device
 from semiseg.evaluation import SegmentationScores, evaluate, predict_logits
 from semiseg.models import build_model
+from semiseg.schemes import get_scheme
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -35,6 +36,7 @@ def load_trained_model(path: str | Path, device: torch.device) -> tuple[torch.nn
         ckpt["num_classes"],
         pretrained=None,
         output_stride=cfg.model.output_stride,
+        projection_dim=get_scheme(cfg.scheme.name).projection_dim,
     )
     model.load_state_dict(ckpt["eval_model"])
     return model.to(device).eval(), cfg, ckpt

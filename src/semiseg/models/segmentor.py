@@ -32,10 +32,17 @@ class SegmentationOutput:
     logits: Tensor
     features: Tensor
     aux: Tensor | None = None
+    projection: Tensor | None = None
+    """[B, P, h, w] output of the projection head (contrastive schemes), else None."""
 
     def rows(self, index: slice) -> SegmentationOutput:
         """The outputs of part of the batch (e.g. the labeled images of a joint forward pass)."""
-        return SegmentationOutput(self.logits[index], self.features[index], None if self.aux is None else self.aux[index])
+        return SegmentationOutput(
+            self.logits[index],
+            self.features[index],
+            None if self.aux is None else self.aux[index],
+            None if self.projection is None else self.projection[index],
+        )
 
 
 class SegmentationModel(nn.Module):
@@ -48,13 +55,24 @@ class SegmentationModel(nn.Module):
         feature_dim: D, channels of ``SegmentationOutput.features``.
     """
 
-    def __init__(self, backbone: Backbone, head: nn.Module, num_classes: int):
+    def __init__(self, backbone: Backbone, head: nn.Module, num_classes: int, projection_dim: int | None = None):
         super().__init__()
         self.backbone = backbone
         self.head = head
         self.num_classes = num_classes
         self.feature_dim: int = head.feature_dim
         self.feature_dropout = nn.Dropout2d(0.5)
+        # STPG's projection head: Conv-ReLU-Dropout-Conv on the decoder features.
+        self.projector = (
+            nn.Sequential(
+                nn.Conv2d(self.feature_dim, self.feature_dim, 1),
+                nn.ReLU(inplace=True),
+                nn.Dropout2d(0.1),
+                nn.Conv2d(self.feature_dim, projection_dim, 1),
+            )
+            if projection_dim
+            else None
+        )
 
     def forward(
         self, x: Tensor, perturb: bool = False
@@ -76,27 +94,24 @@ class SegmentationModel(nn.Module):
         doubled = BackboneFeatures(*(torch.cat([f, self.feature_dropout(f)]) for f in feats))
         out = self._decode(doubled, size)
         b = x.shape[0]
-        clean, perturbed = (
-            SegmentationOutput(
-                out.logits[half], out.features[half], None if out.aux is None else out.aux[half]
-            )
-            for half in (slice(0, b), slice(b, None))
-        )
-        return clean, perturbed
+        return out.rows(slice(0, b)), out.rows(slice(b, None))
 
     def _decode(self, feats: BackboneFeatures, size: torch.Size) -> SegmentationOutput:
         head_out = self.head(feats)
         aux = None if head_out.aux is None else _resize(head_out.aux, size)
-        return SegmentationOutput(_resize(head_out.logits, size), head_out.features, aux)
+        projection = None if self.projector is None else self.projector(head_out.features)
+        return SegmentationOutput(_resize(head_out.logits, size), head_out.features, aux, projection)
 
     def backbone_parameters(self) -> Iterator[nn.Parameter]:
         """Encoder parameters (base learning rate)."""
         return self.backbone.parameters()
 
     def head_parameters(self) -> Iterator[nn.Parameter]:
-        """Decoder and classifier parameters; disjoint from ``backbone_parameters`` and
-        together all parameters of the model."""
-        return self.head.parameters()
+        """Decoder, classifier and projection-head parameters; disjoint from
+        ``backbone_parameters`` and together all parameters of the model."""
+        yield from self.head.parameters()
+        if self.projector is not None:
+            yield from self.projector.parameters()
 
 
 def _resize(t: Tensor, size: torch.Size) -> Tensor:
@@ -109,6 +124,7 @@ def build_model(
     num_classes: int,
     pretrained: str | None = None,
     output_stride: int = 16,
+    projection_dim: int | None = None,
 ) -> SegmentationModel:
     """Build a segmentation model.
 
@@ -121,6 +137,8 @@ def build_model(
             'imagenet'; a torchvision weight name; a local file path). The head is always
             randomly initialised.
         output_stride: 16 or 8; ASPP rates are (6, 12, 18) at 16 and doubled at 8.
+        projection_dim: add a projection head (Conv-ReLU-Dropout-Conv) from the decoder
+            features to this many channels (``SegmentationOutput.projection``; STPG: 256).
 
     Raises:
         ValueError: unknown model or backbone name, output stride not 8/16, num_classes < 1.
@@ -137,4 +155,4 @@ def build_model(
         head = DeepLabV3PlusHead(encoder.low_channels, encoder.high_channels, num_classes, rates)
     else:
         head = PSPNetHead(encoder.mid_channels, encoder.high_channels, num_classes)
-    return SegmentationModel(encoder, head, num_classes)
+    return SegmentationModel(encoder, head, num_classes, projection_dim)

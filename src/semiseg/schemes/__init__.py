@@ -6,6 +6,7 @@ from semiseg.schemes.fixmatch import FixMatchScheme
 from semiseg.schemes.mean_teacher import MeanTeacherScheme
 from semiseg.schemes.self_training import SelfTrainingScheme
 from semiseg.schemes.semi import SemiScheme
+from semiseg.schemes.stpg import STPGScheme
 from semiseg.schemes.supervised import SupervisedScheme
 from semiseg.schemes.unimatch import UniMatchScheme
 
@@ -16,6 +17,7 @@ SCHEMES: dict[str, type[Scheme]] = {
     "mean_teacher": MeanTeacherScheme,
     "cps": CPSScheme,
     "self_training": SelfTrainingScheme,
+    "stpg": STPGScheme,
 }
 
 
@@ -33,6 +35,7 @@ __all__ = [
     "Scheme",
     "SelfTrainingScheme",
     "SemiScheme",
+    "STPGScheme",
     "StepOutput",
     "SupervisedScheme",
     "UniMatchScheme",

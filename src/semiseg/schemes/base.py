@@ -36,6 +36,8 @@ class Scheme:
     model_names: ClassVar[tuple[str, ...]] = ("student",)
     uses_unlabeled: ClassVar[bool] = False
     uses_pseudo_labels: ClassVar[bool] = False
+    projection_dim: ClassVar[int | None] = None
+    """Channels of the projection head the engine adds to every network (contrastive schemes)."""
     """The `unlabeled` batch holds images with offline pseudo-label masks (data.pseudo_labeled)."""
 
     def __init__(self, cfg: Config, models: dict[str, nn.Module], num_classes: int, policy: Policy | None = None):
