@@ -7,7 +7,7 @@ import torch
 
 from semiseg.pseudo.detector import box_class_map, boxes_from_mask, reliable_pixels
 from semiseg.pseudo.memory import FeatureBank, combined_prototypes
-from semiseg.pseudo.rankweight import cosine_weight, rank_weight, rank_weight_at, top_k_indices
+from semiseg.pseudo.rankweight import cosine_weight, rank_weight, top_k_indices
 
 
 def pixel_features(*vectors: list[float]) -> torch.Tensor:
@@ -46,7 +46,7 @@ def test_ties_are_broken_by_lower_index_and_k_is_checked():
         top_k_indices(torch.zeros(1, 4), 5, dim=1)
 
 
-def test_rank_weight_at_low_resolution_equals_nearest_upsampled_features():
+def test_rank_weight_of_low_resolution_features_equals_nearest_upsampled_features():
     torch.manual_seed(0)
     features = torch.rand(2, 16, 3, 4)
     prototypes = torch.rand(5, 16)
@@ -54,7 +54,7 @@ def test_rank_weight_at_low_resolution_equals_nearest_upsampled_features():
     labels[0, 0, 0] = 255
     up = torch.nn.functional.interpolate(features, size=(12, 16), mode="nearest")
     expected = rank_weight(up, prototypes, labels, k=4)
-    torch.testing.assert_close(rank_weight_at(features, prototypes, labels, k=4), expected)
+    torch.testing.assert_close(rank_weight(features, prototypes, labels, k=4), expected)
 
 
 def test_cosine_weight_is_the_clamped_cosine_of_the_pseudo_class():

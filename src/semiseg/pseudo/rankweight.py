@@ -77,7 +77,11 @@ def rank_weight(
     """Per-pixel weight of Eq. 6 from rank statistics, [B,H,W] float.
 
     Args:
-        features: [B,D,H,W] pixel features at the pseudo labels' resolution.
+        features: [B,D,h,w] pixel features at the pseudo labels' resolution or below it (the
+            decoder's stride): then the per-class overlaps are computed per feature cell and
+            taken nearest-neighbour at each label pixel, which equals rank_weight on
+            nearest-upsampled features without materialising them (the released code
+            upsamples the features bilinearly).
         prototypes: [C,D] class prototypes.
         pseudo_label: [B,H,W] int64 pseudo classes (255: no pseudo label, weight 0).
         k: top-k size (the paper's 5).
@@ -85,12 +89,10 @@ def rank_weight(
             get weight 1 in both variants); None means all valid.
         variant: 'paper' W = s/k in [0, 1]; 'official' W = 1 + s/k in [1, 2].
     """
-    if features.shape[-2:] != pseudo_label.shape[-2:]:
-        raise ValueError(
-            f"features {tuple(features.shape)} and pseudo labels {tuple(pseudo_label.shape)} differ in size; "
-            "use rank_weight_at for features at a lower resolution"
-        )
-    return _pick(rank_overlap(features, prototypes, k), pseudo_label, k, prototype_valid, variant)
+    s = rank_overlap(features, prototypes, k)
+    if s.shape[-2:] != pseudo_label.shape[-2:]:
+        s = F.interpolate(s.float(), size=pseudo_label.shape[-2:], mode="nearest").long()
+    return _pick(s, pseudo_label, k, prototype_valid, variant)
 
 
 def _pick(s: Tensor, pseudo_label: Tensor, k: int, prototype_valid: Tensor | None, variant: Variant) -> Tensor:
@@ -124,23 +126,6 @@ def cosine_weight(
     table = cosine_table(features, prototypes)
     label = pseudo_label.clamp(max=prototypes.shape[0] - 1)
     return _finish(table.gather(1, label.unsqueeze(1)).squeeze(1), pseudo_label, prototype_valid)
-
-
-def rank_weight_at(
-    features: Tensor,
-    prototypes: Tensor,
-    pseudo_label: Tensor,
-    k: int = 5,
-    prototype_valid: Tensor | None = None,
-    variant: Variant = "paper",
-) -> Tensor:
-    """`rank_weight` for features at a lower resolution than the labels (decoder stride):
-    the per-class overlaps are computed per feature cell and taken nearest-neighbour at each
-    label pixel, which equals `rank_weight` on nearest-upsampled features without
-    materialising D x H x W upsampled features. The released code upsamples bilinearly."""
-    s = rank_overlap(features, prototypes, k).float()
-    s = F.interpolate(s, size=pseudo_label.shape[-2:], mode="nearest").long()
-    return _pick(s, pseudo_label, k, prototype_valid, variant)
 
 
 def _to_grid(maps: Tensor, size: tuple[int, int]) -> Tensor:
@@ -251,7 +236,7 @@ class RankWeighting(Policy):
         prototypes, prototype_valid = prototypes.to(features.device), prototype_valid.to(features.device)
         label = target.masked_fill(~valid, IGNORE_INDEX)
         if self.similarity == "rank":
-            w = rank_weight_at(features, prototypes, label, self.k, prototype_valid, self.variant)
+            w = rank_weight(features, prototypes, label, self.k, prototype_valid, self.variant)
         else:
             table = F.interpolate(cosine_table(features, prototypes), size=label.shape[-2:], mode="nearest")
             w = _finish(table.gather(1, target.unsqueeze(1)).squeeze(1), label, prototype_valid)

@@ -6,7 +6,7 @@ import torch
 
 from semiseg.losses import cross_entropy
 from semiseg.schemes.base import StepOutput
-from semiseg.schemes.semi import SemiScheme, detection_masks, paste, softmax
+from semiseg.schemes.semi import SemiScheme, paste
 
 
 class FixMatchScheme(SemiScheme):
@@ -24,22 +24,12 @@ class FixMatchScheme(SemiScheme):
             model.eval()
             out_mix = model(mix["image"])
             model.train()
-        sizes = [x.shape[0], unlabeled["image"].shape[0]]
+        n = x.shape[0]
         out = model(torch.cat([x, unlabeled["image"]]))
-        logits_x, logits_w = out.logits.split(sizes)
-        features_x, features_w = out.features.detach().split(sizes)
         strong = paste(unlabeled["strong1"], mix["strong1"], unlabeled["box1"])
         logits_s = model(strong).logits
-        self.policy.update(softmax(logits_x), y, features_x)
-        pl, pl_mix = self.label(
-            softmax(logits_w),
-            unlabeled["valid"],
-            softmax(out_mix.logits),
-            mix["valid"],
-            features=(features_w, out_mix.features),
-            detections=detection_masks(unlabeled, mix),
-        )
-        loss_x = cross_entropy(logits_x, y)
+        pl, pl_mix = self.teach(labeled, out.rows(slice(None, n)), out.rows(slice(n, None)), unlabeled, mix, out_mix)
+        loss_x = cross_entropy(out.logits[:n], y)
         loss_s, logs = self.cutmix_loss(
             logits_s, pl, pl_mix, unlabeled["valid"], mix["valid"], unlabeled["box1"], unlabeled.get("oracle_mask")
         )

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from semiseg.config import Config
 from semiseg.losses import fuzzy_positive_loss, weighted_cross_entropy
+from semiseg.models.segmentor import SegmentationOutput
 from semiseg.pseudo import Policy, PseudoLabels
 from semiseg.pseudo.fpl import (
     adaptive_weight,
@@ -84,6 +85,20 @@ class SemiScheme(Scheme):
             both = PseudoLabels(both.target, weight, both.confidence, positive)
         n = probs.shape[0]
         return _rows(both, slice(None, n)), _rows(both, slice(n, None))
+
+    def teach(self, labeled: dict, labeled_out: SegmentationOutput, weak_out: SegmentationOutput, unlabeled: dict, mix: dict, mix_out: SegmentationOutput) -> tuple[PseudoLabels, PseudoLabels]:
+        """The policy's labeled update and its pseudo labels for the weak view and the CutMix
+        source, from the network outputs on each (features and detections included, for
+        policies that use them)."""
+        self.policy.update(softmax(labeled_out.logits), labeled["mask"], labeled_out.features.detach())
+        return self.label(
+            softmax(weak_out.logits),
+            unlabeled["valid"],
+            softmax(mix_out.logits),
+            mix["valid"],
+            features=(weak_out.features.detach(), mix_out.features),
+            detections=detection_masks(unlabeled, mix),
+        )
 
     @staticmethod
     def mixed(pl: PseudoLabels, pl_mix: PseudoLabels, box: Tensor) -> PseudoLabels:

@@ -9,7 +9,7 @@ import torch
 
 from semiseg.losses import cross_entropy
 from semiseg.schemes.base import StepOutput
-from semiseg.schemes.semi import SemiScheme, detection_masks, paste, softmax
+from semiseg.schemes.semi import SemiScheme, paste
 
 
 class UniMatchScheme(SemiScheme):
@@ -30,24 +30,15 @@ class UniMatchScheme(SemiScheme):
             model.eval()
             out_mix = model(mix["image"])
             model.train()
-        sizes = [x.shape[0], u["image"].shape[0]]
+        n = x.shape[0]
         clean, perturbed = model(torch.cat([x, u["image"]]), perturb=True)
-        logits_x, logits_w = clean.logits.split(sizes)
-        features_x, features_w = clean.features.detach().split(sizes)
-        logits_fp = perturbed.logits[sizes[0]:]
+        logits_x = clean.logits[:n]
+        logits_fp = perturbed.logits[n:]
         strong1 = paste(u["strong1"], mix["strong1"], u["box1"])
         strong2 = paste(u["strong2"], mix["strong2"], u["box2"])
         logits_s1, logits_s2 = model(torch.cat([strong1, strong2])).logits.chunk(2)
 
-        self.policy.update(softmax(logits_x), y, features_x)
-        pl, pl_mix = self.label(
-            softmax(logits_w),
-            u["valid"],
-            softmax(out_mix.logits),
-            mix["valid"],
-            features=(features_w, out_mix.features),
-            detections=detection_masks(u, mix),
-        )
+        pl, pl_mix = self.teach(labeled, clean.rows(slice(None, n)), clean.rows(slice(n, None)), u, mix, out_mix)
         losses = {"loss_x": cross_entropy(logits_x, y)}
         losses["loss_s1"], logs = self.cutmix_loss(
             logits_s1, pl, pl_mix, u["valid"], mix["valid"], u["box1"], u.get("oracle_mask")
