@@ -58,10 +58,11 @@ def test_semi_scheme_without_unlabeled_list_is_an_error(synthetic_root, tmp_path
         Trainer(config_from_dict(raw), progress=False)
 
 
-def test_unimatch_daw_resumes_exactly_with_policy_state(synthetic_root, tmp_path, monkeypatch):
+@pytest.mark.parametrize("warmup", [0, 3])
+def test_unimatch_daw_resumes_exactly_with_policy_state(synthetic_root, tmp_path, monkeypatch, warmup):
     overrides = {
         "scheme": {"name": "unimatch"},
-        "policy": {"name": "daw"},
+        "policy": {"name": "daw", "warmup": warmup},
         "train": {"iterations": 6, "eval_every": 6, "checkpoint_every": 3, "log_every": 3},
     }
     reference = tmp_path / "reference"
@@ -139,3 +140,22 @@ def test_fpl_with_one_class_sets_and_no_adaptive_weight_is_the_cross_entropy_ste
     rescaled = first_loss({"name": "fpl", "T": 0.95, "adaptive_weight": "none", "rescale": True}, "rescaled")
     assert rescaled == pytest.approx(ce, rel=1e-5)
     assert first_loss({"name": "fpl", "T": 0.95, "adaptive_weight": "none"}, "plain") != pytest.approx(ce, rel=1e-3)
+
+
+def test_policy_warm_up_feeds_statistics_before_the_first_step(synthetic_root, tmp_path):
+    def first_window(name: str, warmup: int) -> dict:
+        cfg = config_from_dict(
+            tiny_config(
+                synthetic_root,
+                tmp_path / name,
+                scheme={"name": "fixmatch"},
+                policy={"name": "daw", "warmup": warmup},
+                train={"iterations": 1, "eval_every": 1, "log_every": 1},
+            )
+        )
+        train(cfg, progress=False)
+        return next(r for r in read_metrics(tmp_path / name / "metrics.jsonl") if r["split"] == "train")
+
+    cold, warm = first_window("cold", 0), first_window("warm", 20)
+    # Twenty more EMA updates (m = 0.99) pull the fits away from the initial N(1/C, 1).
+    assert abs(warm["policy/sigma_pos"] - 1.0) > abs(cold["policy/sigma_pos"] - 1.0)

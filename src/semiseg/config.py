@@ -136,6 +136,11 @@ class PolicyConfig:
     """rankweight: teacher confidence a detector-verified pixel needs to be reliable."""
     base: Literal["threshold", "ael"] = "threshold"
     """rankweight: the weight it multiplies, 1[conf >= threshold] or AEL's power weight."""
+    warmup: int = 0
+    """Labeled batches whose predictions (network in eval mode, nothing trained) feed a
+    stateful policy's statistics before the first step of a fresh run. For short fine-tuning
+    from a trained model, where DAW's EMA (m = 0.99) would otherwise be dominated by its
+    initial fit for hundreds of steps; 0 is the papers' behaviour."""
 
 
 @dataclass
@@ -284,6 +289,8 @@ class Config:
         if self.train.checkpoint_every is not None:
             positive["train.checkpoint_every"] = self.train.checkpoint_every
         positive["loss.A"] = self.loss.A
+        if self.policy.warmup < 0:
+            raise ConfigError(f"policy.warmup must be >= 0, got {self.policy.warmup}")
         positive["selftrain.temperature"] = self.selftrain.temperature
         for key in ("iterations", "batch_size", "lr", "min_size", "max_size", "checkpoint_every"):
             positive[f"detector.{key}"] = getattr(self.detector, key)

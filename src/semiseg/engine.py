@@ -463,6 +463,21 @@ class Trainer:
             cleanup(self.ctx)
         return result
 
+    @torch.no_grad()
+    def _warm_up_policy(self, transform: TrainTransform) -> None:
+        """`policy.warmup` labeled batches, from a stream of their own (the training streams
+        are untouched, so a resume stays exact), update the policy's statistics."""
+        cfg = self.cfg
+        policy: Policy = self.scheme.policy  # type: ignore[attr-defined]
+        model = self.scheme.models[self.scheme_cls.model_names[0]]
+        stream = self._train_loader(self.data.labeled, cfg.data.batch_size, True, cfg.train.seed + 3, transform)
+        model.eval()
+        for _ in tqdm(range(cfg.policy.warmup), desc="policy warm-up", disable=not self.progress, dynamic_ncols=True):
+            batch = Scheme.to_device(next(stream), self.ctx.device)
+            out = model(batch["image"])
+            policy.update(out.logits.float().softmax(dim=1), batch["mask"], out.features)
+        model.train()
+
     def _loop(self, logger: MetricsLogger | None, total: int) -> dict:
         cfg = self.cfg
         weak = TrainTransform(cfg.data.crop_size, tuple(cfg.data.scale_range), hflip=cfg.data.hflip)
@@ -480,6 +495,8 @@ class Trainer:
             # Self-training: pseudo-labeled crops augmented like the labeled ones (DARS Eq. 2).
             batch_u = cfg.data.unlabeled_batch_size or cfg.data.batch_size
             unlabeled_iter = self._train_loader(self.data.pseudo_labeled, batch_u, True, cfg.train.seed + 1, weak)
+        if self.iteration == 0 and cfg.policy.warmup and unlabeled_iter is not None:
+            self._warm_up_policy(weak)
         checkpoint_every = cfg.train.checkpoint_every or cfg.train.eval_every
         device = self.ctx.device
         self.scheme.train()
