@@ -131,3 +131,15 @@ def test_dual_mean_teacher_without_selection_or_contrast(synthetic_root, tmp_pat
     train(stpg_config(synthetic_root, tmp_path / "dm", selection="all", lambda_ctr=0.0), progress=False)
     last = [r for r in read_metrics(tmp_path / "dm" / "metrics.jsonl") if r["split"] == "train"][-1]
     assert "loss_ac" not in last and math.isfinite(last["loss_u_pro"])
+
+
+def test_confidences_keep_their_values_on_the_feature_grid():
+    """The bank's phi test reads teacher confidences resampled to the projection's grid; a
+    cast to integers there would leave only exact 1.0s."""
+    from semiseg.schemes.stpg import _grid
+
+    conf = torch.tensor([[[0.97, 0.2], [0.5, 0.96]]])
+    assert torch.equal(_grid(conf, (2, 2)), conf)
+    assert _grid(conf, (1, 1)).dtype == torch.float32
+    labels = torch.tensor([[[3, 255], [1, 2]]])
+    assert torch.equal(_grid(labels, (2, 2)), labels)

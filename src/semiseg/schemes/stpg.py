@@ -26,10 +26,12 @@ import copy
 from typing import ClassVar
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from semiseg.config import Config
+from semiseg.distributed import all_gather_pairs
 from semiseg.losses import cross_entropy, weighted_cross_entropy
 from semiseg.models.segmentor import SegmentationOutput
 from semiseg.pseudo import Policy, PseudoLabels
@@ -58,7 +60,8 @@ def _teacher(model: nn.Module) -> nn.Module:
 
 
 def _grid(maps: Tensor, size: tuple[int, int]) -> Tensor:
-    return F.interpolate(maps[:, None].float(), size=size, mode="nearest")[:, 0].long()
+    """Nearest-neighbour resampling of [B,H,W] maps (labels or confidences) to `size`, dtype kept."""
+    return F.interpolate(maps[:, None].float(), size=size, mode="nearest")[:, 0].to(maps.dtype)
 
 
 class STPGScheme(SemiScheme):
@@ -77,6 +80,8 @@ class STPGScheme(SemiScheme):
         self.seen = torch.zeros(num_classes, dtype=torch.bool)
         self.sigma: Tensor | None = None
         self.bank = FeatureBank(num_classes, PROJECTION_DIM, size=st.bank_size)
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.gather = all_gather_pairs if distributed else None
 
     def training_step(self, labeled: dict, unlabeled: dict | None, mix: dict | None, iteration: int) -> StepOutput:
         assert unlabeled is not None and mix is not None
@@ -149,16 +154,22 @@ class STPGScheme(SemiScheme):
         size = tuple(teacher_proj.shape[-2:])
         labels = _grid(y, size)
         known = labels != 255
+        conf = _grid(gen_teacher.logits[:n_x].detach().float().softmax(1).amax(1), size)
         t_feat = F.normalize(teacher_proj.permute(0, 2, 3, 1)[known].float(), dim=1).cpu()
         t_lab = labels[known].cpu()
+        t_conf = conf[known].cpu()
+        if self.gather is not None:
+            # Every process updates prototypes and bank from all processes' pixels, so their
+            # states (and the anchor matching) stay identical.
+            packed, t_lab = self.gather(torch.cat([t_feat, t_conf[:, None]], dim=1), t_lab)
+            t_feat, t_conf = packed[:, :-1], packed[:, -1]
         self.prototypes, self.seen = ema_prototypes(self.prototypes, t_feat, t_lab, st.alpha, self.seen)
         zero = teacher_proj.sum() * 0.0
         if iteration < st.match_after:
             return {"loss_ac": zero, "loss_sim": zero}
         # Unseen classes keep a zero prototype; the matching still gives them a free anchor.
         self.sigma = match_anchors(self.prototypes, self.anchors)
-        conf = _grid(gen_teacher.logits[:n_x].detach().float().softmax(1).amax(1), size).float()
-        self._push_bank(t_feat, t_lab, conf[known].cpu() >= st.phi)
+        self._push_bank(t_feat, t_lab, t_conf >= st.phi)
         bank_means, bank_valid = self.bank.prototypes()
         anchors = self.anchors.to(teacher_proj.device)
         sigma = self.sigma.to(teacher_proj.device)
