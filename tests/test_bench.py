@@ -79,6 +79,12 @@ def test_seed_placeholder_and_run_selection(synthetic_root, tmp_path, capsys):
     base.write_text(yaml.safe_dump(tiny_config(synthetic_root, tmp_path / "unused", train={"iterations": 2, "eval_every": 2})))
     warm = BenchGrid(name="w", base=str(base), output_dir="o", methods={"m": []}, seeds=[3], overrides=["model.init_from=x/seed{seed}.pt"])
     assert run_config(warm, "m", 3).model.init_from == "x/seed3.pt"
+    pair = BenchGrid(
+        name="p", base=str(base), output_dir="o", methods={"m": ["model.init_from=[x/s{seed}.pt,x/s{next_seed}.pt]"]},
+        seeds=[0, 1, 2],
+    )
+    assert run_config(pair, "m", 1).model.init_from == ["x/s1.pt", "x/s2.pt"]
+    assert run_config(pair, "m", 2).model.init_from == ["x/s2.pt", "x/s0.pt"]
 
     out = tmp_path / "bench"
     grid = tmp_path / "grid.yaml"

@@ -180,6 +180,28 @@ def test_warm_start_loads_every_model_and_teacher(synthetic_root, tmp_path):
         assert all(torch.equal(state[k], v) for k, v in weights.items())
 
 
+def test_warm_start_per_student(synthetic_root, tmp_path):
+    sources = []
+    for k, lr in enumerate([0.01, 0.05]):
+        folder = tmp_path / f"source{k}"
+        cfg = tiny_config(synthetic_root, folder, train={"iterations": 2, "eval_every": 2}, optim={"lr": lr})
+        train(config_from_dict(cfg), progress=False)
+        sources.append(str(folder / "latest.pt"))
+    cps = {"name": "cps"}
+    trainer = Trainer(
+        config_from_dict(tiny_config(synthetic_root, tmp_path / "cps", model={"init_from": sources}, scheme=cps)),
+        progress=False,
+    )
+    for name, path in zip(["student", "student_b"], sources, strict=True):
+        weights = load_checkpoint(path)["eval_model"]
+        state = trainer.scheme.models[name].state_dict()
+        assert all(torch.equal(state[k], v) for k, v in weights.items()), name
+
+    three = tiny_config(synthetic_root, tmp_path / "bad", model={"init_from": [*sources, sources[0]]}, scheme=cps)
+    with pytest.raises(ValueError, match=r"model.init_from: 3 checkpoints .* 2 network\(s\) \['student', 'student_b'\]"):
+        Trainer(config_from_dict(three), progress=False)
+
+
 def test_warm_start_errors_name_the_file(synthetic_root, tmp_path):
     missing = tmp_path / "nope.pt"
     with pytest.raises(FileNotFoundError, match="nope.pt"):

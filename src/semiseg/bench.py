@@ -14,7 +14,10 @@ A grid file names a base config, the methods as lists of dotted overrides, and t
 
 Each run lives in OUTPUT_DIR/METHOD/seedN. A finished run (final.json at the configured
 iteration count) is read, not retrained; an unfinished one resumes from its checkpoint.
-``{seed}`` in an override is replaced by the run's seed. ``--methods``/``--seeds`` restrict
+``{seed}`` in an override is replaced by the run's seed and ``{next_seed}`` by the grid's
+next seed (cyclically): a two-student scheme warm-started from per-seed burn-ins can start its
+second student from another seed's burn-in (``model.init_from=[.../seed{seed}/latest.pt,
+.../seed{next_seed}/latest.pt]``), keeping its students differently initialised. ``--methods``/``--seeds`` restrict
 which runs this process trains (e.g. one process per GPU); the table (markdown + CSV) and a
 bar plot (OUTPUT_DIR/NAME.md, .csv, .png) always cover every finished run of the grid, with
 the seed count per row. Grids may share OUTPUT_DIR: a method with the same overrides in two
@@ -112,8 +115,12 @@ def read_result(method: str, seed: int, folder: Path, iterations: int) -> RunRes
 
 def run_config(grid: BenchGrid, method: str, seed: int):
     """The config of one run; ``{seed}`` in an override value becomes the run's seed (e.g. a
-    per-seed ``model.init_from`` checkpoint)."""
-    overrides = [o.replace("{seed}", str(seed)) for o in [*grid.overrides, *grid.methods[method]]]
+    per-seed ``model.init_from`` checkpoint), ``{next_seed}`` the grid's next seed."""
+    following = grid.seeds[(grid.seeds.index(seed) + 1) % len(grid.seeds)] if seed in grid.seeds else seed
+    overrides = [
+        o.replace("{seed}", str(seed)).replace("{next_seed}", str(following))
+        for o in [*grid.overrides, *grid.methods[method]]
+    ]
     return load_config(grid.base, [*overrides, f"train.seed={seed}", f"output_dir={run_dir(grid, method, seed)}"])
 
 

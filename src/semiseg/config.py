@@ -68,10 +68,11 @@ class ModelConfig:
     pretrained: str | None = "imagenet"
     """'imagenet', a torchvision weight name (needs internet), a local file path, or null."""
     output_stride: Literal[8, 16] = 16
-    init_from: str | None = None
+    init_from: str | list[str] | None = None
     """A semiseg checkpoint whose evaluated model's weights start every network of the scheme
-    (a warm start from a supervised run, or a self-training round from its teacher). Schemes
-    with two students (CPS) then start both from the same weights. Ignored when resuming."""
+    (a warm start from a supervised run, or a self-training round from its teacher), or one
+    checkpoint per student in the scheme's order (CPS: student, student_b; STPG: student (general), student_pro), so
+    that two-student schemes keep differently initialised students. Ignored when resuming."""
 
 
 @dataclass

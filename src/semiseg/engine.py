@@ -173,6 +173,18 @@ def build_policy_from_config(cfg: Config, num_classes: int, ctx: DistContext) ->
     return build_policy(cfg.policy.name, num_classes, reduce=all_reduce_sum if ctx.distributed else None, **options)
 
 
+def warm_start_sources(init_from: str | list[str], model_names: tuple[str, ...]) -> dict[str, str]:
+    """Which checkpoint starts which network: one path for all, or one per network in order."""
+    if isinstance(init_from, str):
+        return dict.fromkeys(model_names, init_from)
+    if len(init_from) != len(model_names):
+        raise ValueError(
+            f"model.init_from: {len(init_from)} checkpoints for a scheme with {len(model_names)} "
+            f"network(s) {list(model_names)}; give one path, or one per network in that order"
+        )
+    return dict(zip(model_names, init_from, strict=True))
+
+
 def load_warm_start(path: str, num_classes: int) -> dict[str, Tensor]:
     """The evaluated model's weights of the semiseg checkpoint at ``path`` (``model.init_from``).
 
@@ -246,9 +258,10 @@ class Trainer:
 
         latest = self.run_dir / "latest.pt"
         resuming = latest.exists() and not restart
-        warm_start = None
+        warm_starts = {}
         if cfg.model.init_from and not resuming:
-            warm_start = load_warm_start(cfg.model.init_from, self.num_classes)
+            warm_starts = warm_start_sources(cfg.model.init_from, self.scheme_cls.model_names)
+            loaded = {path: load_warm_start(path, self.num_classes) for path in set(warm_starts.values())}
         seed_everything(cfg.train.seed)
         models = {}
         for k, name in enumerate(self.scheme_cls.model_names):
@@ -262,9 +275,9 @@ class Trainer:
                 output_stride=cfg.model.output_stride,
                 projection_dim=self.scheme_cls.projection_dim,
             )
-            if warm_start is not None:
+            if name in warm_starts:
                 # Before the scheme exists, so teachers and EMA copies start from it too.
-                _load_weights(model, warm_start, cfg.model.init_from)
+                _load_weights(model, loaded[warm_starts[name]], warm_starts[name])
             models[name] = self._prepare(model)
         policy = None
         if self.scheme_cls.uses_unlabeled:

@@ -107,13 +107,14 @@ def self_train(cfg: Config, *, restart: bool = False, progress: bool = True) -> 
 
 
 def _rounds(cfg: Config, restart: bool, progress: bool) -> dict:
-    from semiseg.engine import train
+    from semiseg.engine import train, warm_start_sources
 
     iterations = cfg.train.iterations
     save_config(cfg, Path(cfg.output_dir) / "config.yaml")
     rounds = []
     if cfg.model.init_from:
-        teacher = Path(cfg.model.init_from)
+        (source,) = warm_start_sources(cfg.model.init_from, ("student",)).values()
+        teacher = Path(source)
         rounds.append({"round": 0, "checkpoint": str(teacher)})
     else:
         folder = round_dir(cfg, 0)
