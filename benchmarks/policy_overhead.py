@@ -17,6 +17,7 @@ import statistics
 import time
 
 import torch
+from synthetic_batches import make_batches
 
 from semiseg.config import config_from_dict
 from semiseg.models import build_model
@@ -31,26 +32,6 @@ POLICIES = {
     "daw (DAWF + DA)": ("daw", {"align": True}),
     "daw official": ("daw", {"variant": "official"}),
 }
-
-
-def make_batches(batch: int, crop: int, num_classes: int, generator: torch.Generator) -> tuple[dict, dict, dict]:
-    def unlabeled() -> dict:
-        box = torch.zeros(batch, crop, crop, dtype=torch.bool)
-        box[:, : crop // 2, : crop // 2] = True
-        return {
-            "image": torch.randn(batch, 3, crop, crop, generator=generator),
-            "strong1": torch.randn(batch, 3, crop, crop, generator=generator),
-            "strong2": torch.randn(batch, 3, crop, crop, generator=generator),
-            "box1": box,
-            "box2": box,
-            "valid": torch.ones(batch, crop, crop, dtype=torch.bool),
-        }
-
-    labeled = {
-        "image": torch.randn(batch, 3, crop, crop, generator=generator),
-        "mask": torch.randint(0, num_classes, (batch, crop, crop), generator=generator),
-    }
-    return labeled, unlabeled(), unlabeled()
 
 
 def main() -> int:

@@ -17,6 +17,7 @@ import statistics
 import time
 
 import torch
+from synthetic_batches import make_batches
 
 from semiseg.config import config_from_dict
 from semiseg.distributed import DistContext
@@ -53,29 +54,6 @@ COMPARISONS: dict[str, dict[str, dict]] = {
         },
     },
 }
-
-
-def make_batches(batch: int, crop: int, generator: torch.Generator) -> tuple[dict, dict, dict]:
-    def unlabeled() -> dict:
-        box = torch.zeros(batch, crop, crop, dtype=torch.bool)
-        box[:, : crop // 2, : crop // 2] = True
-        # Every pixel inside a box of every detector class: RPPI's most expensive case.
-        detections = torch.full((batch, crop, crop), 2 ** len(THINGS) - 1, dtype=torch.int64)
-        return {
-            "image": torch.randn(batch, 3, crop, crop, generator=generator),
-            "strong1": torch.randn(batch, 3, crop, crop, generator=generator),
-            "strong2": torch.randn(batch, 3, crop, crop, generator=generator),
-            "box1": box,
-            "box2": box,
-            "valid": torch.ones(batch, crop, crop, dtype=torch.bool),
-            "detections": detections,
-        }
-
-    labeled = {
-        "image": torch.randn(batch, 3, crop, crop, generator=generator),
-        "mask": torch.randint(0, NUM_CLASSES, (batch, crop, crop), generator=generator),
-    }
-    return labeled, unlabeled(), unlabeled()
 
 
 class Runner:
@@ -124,7 +102,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
-    labeled, unlabeled, mix = make_batches(args.batch, args.crop, generator)
+    labeled, unlabeled, mix = make_batches(args.batch, args.crop, NUM_CLASSES, generator, len(THINGS))
     # ImageNet weights so predictions, confidences and thus the policies' selections are
     # those of a real network rather than of a random one.
     weights = build_model("deeplabv3plus", "efficientnet_lite0", NUM_CLASSES, pretrained="imagenet").state_dict()
