@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from semiseg.pseudo.detector import box_class_map, boxes_from_mask, reliable_pixels
+from semiseg.pseudo.detector import (
+    box_agreement_counts,
+    box_class_map,
+    boxes_from_mask,
+    reliable_pixels,
+)
 from semiseg.pseudo.memory import FeatureBank, combined_prototypes
 from semiseg.pseudo.rankweight import cosine_weight, rank_weight, top_k_indices
 
@@ -119,6 +124,21 @@ def test_reliable_pixels_need_box_agreement_and_confidence():
     conf[0, 0, 1] = 0.5
     reliable = reliable_pixels(pred, conf, inside.unsqueeze(0), 0.95)
     assert reliable.tolist() == [[[True, False, False], [False, False, False]]]
+
+
+def test_box_agreement_counts_split_confident_pixels_by_their_class_box():
+    # One row of 6 pixels; a detected box of class 1 covers columns 0-2.
+    inside = box_class_map(torch.tensor([[0.0, 0.0, 3.0, 1.0]]), torch.tensor([1]), num_classes=3, size=(1, 6))
+    pred = torch.tensor([[[1, 1, 0, 1, 1, 2]]])
+    conf = torch.tensor([[[0.99, 0.99, 0.99, 0.99, 0.5, 0.99]]])
+    target = torch.tensor([[[1, 2, 0, 1, 1, 255]]])
+    counts = box_agreement_counts(pred, conf, target, inside[None], 0.9)
+    # Pixel: columns 0-3 (column 4 is not confident, column 5 has no ground truth).
+    assert counts[0].tolist() == [[1, 2, 0], [1, 3, 0]]
+    # Pixel ∩ BBox: columns 0 and 1 (column 2 lies in the box but is predicted 0, not 1).
+    assert counts[1].tolist() == [[0, 1, 0], [0, 2, 0]]
+    # Pixel \ BBox: columns 2 and 3.
+    assert counts[2].tolist() == [[1, 1, 0], [1, 1, 0]]
 
 
 # ------------------------------------------------------------------ the RPPI detector
@@ -264,6 +284,9 @@ def test_rank_policy_trains_with_ppw_and_with_cached_detections(synthetic_root, 
     from conftest import tiny_config
 
     from semiseg.config import config_from_dict
+    from semiseg.data.formats import get_format
+    from semiseg.data.splits import read_split
+    from semiseg.detection import PIXEL_GROUPS, pixel_box_accuracy
     from semiseg.engine import Trainer, train
     from semiseg.metrics_log import read_metrics
 
@@ -293,3 +316,13 @@ def test_rank_policy_trains_with_ppw_and_with_cached_detections(synthetic_root, 
     last = [r for r in read_metrics(tmp_path / "rppi" / "metrics.jsonl") if r["split"] == "train"][-1]
     assert math.isfinite(last["loss"]) and last["policy/reliable_fraction"] > 0
     assert last["policy/unlabeled_bank_fill"] > 0
+
+    # Supplement Table 1 with the trained model: the image-wide boxes hold every pixel of class 3.
+    cfg = config("rppi", rppi=True)
+    fmt = get_format("folder", None, root=synthetic_root / "data")
+    samples = read_split(synthetic_root / "unlabeled.txt", synthetic_root / "data", require_mask=True)
+    table = pixel_box_accuracy(cfg, tmp_path / "rppi" / "latest.pt", samples, fmt, torch.device("cpu"), progress=False)
+    pixel, in_box, outside = (table["groups"][name] for name in PIXEL_GROUPS)
+    assert in_box["per_class_pixels"][3] == pixel["per_class_pixels"][3] and outside["per_class_pixels"][3] == 0
+    assert in_box["per_class_pixels"][4] == 0 and outside["per_class_pixels"][4] == pixel["per_class_pixels"][4]
+    assert pixel["things_pixels"] == sum(pixel["per_class_pixels"].values())

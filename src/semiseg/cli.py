@@ -136,6 +136,16 @@ def _cmd_detector(args: argparse.Namespace) -> int:
     for c, acc in result["per_class"].items():
         shown = "-" if acc is None else f"{100 * acc:.1f} %"
         print(f"  {names[c]:<14}{result['per_class_count'][c]:>6} boxes  {shown}")
+    if args.checkpoint:
+        agreement = detection.pixel_box_accuracy(cfg, args.checkpoint, samples, fmt, device, progress)
+        print(f"pseudo-label precision of {args.checkpoint} (confidence >= {agreement['threshold']}), % (pixels):")
+        print(f"  {'':<14}" + "".join(f"{name:>24}" for name in agreement["groups"]))
+        for key, label in [(c, names[c]) for c in cfg.detector.classes] + [("things", "all listed")]:
+            cells = []
+            for group in agreement["groups"].values():
+                acc, pixels = (group["things"], group["things_pixels"]) if key == "things" else (group["per_class"][key], group["per_class_pixels"][key])
+                cells.append(f"{'-' if acc is None else f'{100 * acc:.1f}'} ({pixels})")
+            print(f"  {label:<14}" + "".join(f"{cell:>24}" for cell in cells))
     return 0
 
 
@@ -241,6 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["train", "detect", "eval"], help="train on labeled images; detect on unlabeled ones; eval box accuracy (needs their masks)")
     p.add_argument("config", help="YAML config with a detector section")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. detector.iterations=500")
+    p.add_argument(
+        "--checkpoint",
+        help="eval: also the precision of this segmentation checkpoint's confident pseudo labels inside and outside the boxes",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_detector)
 

@@ -52,9 +52,35 @@ def box_class_map(boxes: Tensor, labels: Tensor, num_classes: int, size: tuple[i
     return inside
 
 
+def _in_predicted_box(pred: Tensor, boxes_map: Tensor) -> Tensor:
+    """bool [B,H,W]: the pixel lies inside a detected box of its predicted class."""
+    return boxes_map.gather(1, pred.long().clamp(max=boxes_map.shape[1] - 1).unsqueeze(1)).squeeze(1)
+
+
 def reliable_pixels(pred: Tensor, conf: Tensor, boxes_map: Tensor, threshold: float) -> Tensor:
     """RPPI (Sec. 3.3): pixels inside a detected box of their predicted class c whose
     teacher confidence reaches `threshold`. pred/conf [B,H,W], boxes_map [B,C,H,W] bool;
     returns bool [B,H,W]."""
-    in_box = boxes_map.gather(1, pred.long().clamp(max=boxes_map.shape[1] - 1).unsqueeze(1)).squeeze(1)
-    return in_box & (conf >= threshold)
+    return _in_predicted_box(pred, boxes_map) & (conf >= threshold)
+
+
+def box_agreement_counts(pred: Tensor, conf: Tensor, target: Tensor, boxes_map: Tensor, threshold: float) -> Tensor:
+    """Pseudo-label precision counts of the three pixel groups of the supplement's Table 1.
+
+    Pixel: confidence >= `threshold`; Pixel ∩ BBox: those inside a detected box of their
+    predicted class; Pixel \\ BBox: the rest of Pixel. pred/conf/target [B,H,W] (target 255 =
+    unknown, left out), boxes_map [B,C,H,W] bool with C the number of segmentation classes.
+
+    Returns int64 [3, 2, C]: for each group (in that order), per predicted class c, the number
+    of its pixels labeled c that are right (row 0) and of all its pixels labeled c (row 1).
+    """
+    num_classes = boxes_map.shape[1]
+    pred = pred.long()
+    pixel = (conf >= threshold) & (target != 255)
+    in_box = _in_predicted_box(pred, boxes_map)
+    right = pred == target
+    counts = torch.zeros((3, 2, num_classes), dtype=torch.int64)
+    for g, group in enumerate((pixel, pixel & in_box, pixel & ~in_box)):
+        counts[g, 0] = torch.bincount(pred[group & right], minlength=num_classes)[:num_classes]
+        counts[g, 1] = torch.bincount(pred[group], minlength=num_classes)[:num_classes]
+    return counts
