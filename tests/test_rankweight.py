@@ -91,6 +91,15 @@ def test_feature_bank_is_fifo_newest_first_with_fixed_size():
     assert torch.equal(limited.features(0), copy.features(0))  # the generator state round-trips
 
 
+def test_feature_bank_keeps_a_random_subset_when_a_class_has_more_pixels_than_it_takes():
+    bank = FeatureBank(num_classes=1, dim=1, size=4, seed=0)  # per_update None: up to size
+    bank.push(torch.arange(100.0).unsqueeze(1), torch.zeros(100, dtype=torch.long))
+    kept = bank.features(0)[:, 0]
+    assert kept.numel() == 4 and kept.unique().numel() == 4
+    assert kept.tolist() != [99.0, 98.0, 97.0, 96.0]  # not the last pixels in raster order
+    assert kept.min() < 90  # draws from the whole batch (p of all >= 90 is (10/100)^4)
+
+
 def test_combined_prototypes_need_a_labeled_feature():
     labeled, unlabeled = FeatureBank(2, 1, 4), FeatureBank(2, 1, 4)
     labeled.push(torch.tensor([[2.0]]), torch.tensor([0]))

@@ -127,8 +127,10 @@ class PolicyConfig:
     """rankweight: size of the top-k index sets compared (the paper's 5)."""
     bank_size: int = 256
     """rankweight: features kept per class in each memory bank (psi)."""
-    per_update: int | None = None
-    """rankweight: at most this many features per class enter a bank per step (None: all)."""
+    per_update: int | None = 8
+    """rankweight: at most this many random features per class enter a bank per step (the
+    released code adds at most a batch's worth, 8 on VOC, so a bank of 256 spans 32 steps);
+    None: up to bank_size, so a frequent class's bank is refilled from every batch."""
     similarity: Literal["rank", "cosine"] = "rank"
     """rankweight: rank statistics (the method) or cosine similarity (its Fig. 6 comparison)."""
     rppi: bool = True

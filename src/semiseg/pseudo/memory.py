@@ -6,6 +6,11 @@ adds a random subset of the step's pixels of that class (at most `per_update`), 
 first, and drops the oldest beyond `size`. A class prototype is the mean of its stored
 features. Under DDP every process contributes its samples (`gather`), so all processes hold
 the same bank.
+
+A class with more new pixels than a push may add always gets a uniformly random subset
+("random sampling ... leads to a more diverse set of features per class", supplement Sec. 5):
+pixels arrive in raster order, so keeping the last ones would fill the bank from the bottom
+rows of the last image.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ class FeatureBank:
     Args:
         num_classes: C. dim: D. size: features kept per class (psi).
         per_update: at most this many random features of each class are added per `push`
-            (per process); None adds all of them.
+            (per process); None: up to `size` (a bank's worth) of them.
         gather: (features, labels) of this process -> those of every process, concatenated
             in rank order (the trainer passes an all-gather under DDP); None: single process.
         seed: seed of the bank's own random generator (saved in `state_dict`).
@@ -57,11 +62,12 @@ class FeatureBank:
         features, labels = features.detach().float().cpu(), labels.cpu().long()
         keep = (labels >= 0) & (labels < self.num_classes)
         features, labels = features[keep], labels[keep]
+        limit = self.size if self.per_update is None else min(self.per_update, self.size)
         chosen = []
         for c in labels.unique().tolist():
             where = torch.nonzero(labels == c).flatten()
-            if self.per_update is not None and where.numel() > self.per_update:
-                where = where[torch.randperm(where.numel(), generator=self.generator)[: self.per_update]]
+            if where.numel() > limit:
+                where = where[torch.randperm(where.numel(), generator=self.generator)[:limit]]
             chosen.append(where)
         index = torch.cat(chosen) if chosen else torch.zeros(0, dtype=torch.int64)
         features, labels = features[index], labels[index]

@@ -155,7 +155,8 @@ class RankWeighting(Policy):
 
     Choices where the paper is silent: features are the ones the weights are computed from
     (the weak view's, at decoder resolution; labels and masks are taken nearest-neighbour on
-    that grid), and at most `per_update` features per class and step enter a bank (None: all).
+    that grid), and at most `per_update` random features per class and step enter a bank (8,
+    the released code's VOC batch size; None: up to a bank's worth).
     `variant="official"`: W = 1 + s/k and only correctly predicted labeled pixels with
     confidence > 0.95 enter the labeled bank, as in the released code.
     """
@@ -169,7 +170,7 @@ class RankWeighting(Policy):
         threshold: float = 0.95,
         k: int = 5,
         bank_size: int = 256,
-        per_update: int | None = None,
+        per_update: int | None = 8,
         similarity: Literal["rank", "cosine"] = "rank",
         variant: Variant = "paper",
         rppi: bool = True,
