@@ -7,12 +7,14 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import crash_at, tiny_config
 
 from semiseg.checkpoint import load_checkpoint
 from semiseg.config import config_from_dict
 from semiseg.engine import train
 from semiseg.metrics_log import read_metrics
+from semiseg.pseudo.memory import FeatureBank
 from semiseg.pseudo.stpg import (
     anchor_contrastive_loss,
     confusion,
@@ -86,6 +88,16 @@ def test_contrastive_losses_on_hand_computed_features():
     assert similarity_loss(f, torch.tensor([0]), means, valid).item() == pytest.approx(0.0)
     g = torch.tensor([[2.0, 0.0], [5.0, 5.0]])
     assert similarity_loss(g, torch.tensor([0, 1]), means, valid).item() == pytest.approx(1.0)  # class 1 skipped
+
+
+def test_similarity_loss_on_a_bank_of_unit_features_is_eq16_over_its_entries():
+    bank = FeatureBank(num_classes=2, dim=2, size=4)
+    entries = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), dim=1)
+    bank.push(entries, torch.tensor([0, 0, 0]))
+    means, valid = bank.prototypes()
+    f = torch.tensor([[3.0, 1.0]])
+    expected = (1 - F.cosine_similarity(f.expand(3, 2), entries, dim=1)).mean()
+    assert similarity_loss(f, torch.tensor([0]), means, valid).item() == pytest.approx(expected.item())
 
 
 def test_prototype_ema_starts_from_the_first_mean():

@@ -170,10 +170,12 @@ class STPGScheme(SemiScheme):
         # Unseen classes keep a zero prototype; the matching still gives them a free anchor.
         self.sigma = match_anchors(self.prototypes, self.anchors)
         self._push_bank(t_feat, t_lab, t_conf >= st.phi)
+        # The bank holds unit vectors, so the mean over its entries of 1 - cos (Eq. 16) is
+        # 1 - f_hat . (their plain mean); normalising that mean would rescale the loss.
         bank_means, bank_valid = self.bank.prototypes()
         anchors = self.anchors.to(teacher_proj.device)
         sigma = self.sigma.to(teacher_proj.device)
-        means, valid = F.normalize(bank_means, dim=1).to(teacher_proj.device), bank_valid.to(teacher_proj.device)
+        means, valid = bank_means.to(teacher_proj.device), bank_valid.to(teacher_proj.device)
         loss_ac, loss_sim = zero, zero
         for out in students.values():
             proj = out.projection[:n_x]
