@@ -53,7 +53,7 @@ def test_bench_runs_the_grid_then_reuses_finished_runs(synthetic_root, tmp_path,
                 "seeds": [0, 1],
                 "methods": {
                     "supervised": [],
-                    "fixmatch": ["scheme.name=fixmatch", "policy.name=threshold", "scheme.oracle_eval=true"],
+                    "fixmatch": ["scheme.name=fixmatch", "policy.name=threshold", "policy.threshold=0.0", "scheme.oracle_eval=true"],
                 },
             },
             sort_keys=False,
@@ -72,6 +72,10 @@ def test_bench_runs_the_grid_then_reuses_finished_runs(synthetic_root, tmp_path,
 
     assert main(["plot", str(out / "fixmatch" / "seed0")]) == 0
     assert (out / "fixmatch" / "seed0" / "plots" / "pseudo_labels.png").is_file()
+    assert main(["plot", str(out / "fixmatch" / "seed0"), "--compare", str(out / "fixmatch" / "seed1")]) == 0
+    assert (out / "fixmatch" / "seed0" / "plots" / "pseudo_label_accuracy.png").is_file()
+    assert main(["plot", str(out / "fixmatch" / "seed0"), "--compare", str(out / "supervised" / "seed0")]) == 2
+    assert "no oracle/acc_weighted" in capsys.readouterr().err
 
 
 def test_seed_placeholder_and_run_selection(synthetic_root, tmp_path, capsys):

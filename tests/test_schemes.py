@@ -13,7 +13,8 @@ from semiseg.cli import main
 from semiseg.config import config_from_dict
 from semiseg.engine import Trainer, train
 from semiseg.metrics_log import read_metrics
-from semiseg.schemes.semi import paste
+from semiseg.pseudo import PseudoLabels
+from semiseg.schemes.semi import oracle_diagnostics, paste
 from semiseg.snapshots import load_k_maps
 
 SEMI = ["fixmatch", "unimatch", "mean_teacher", "cps"]
@@ -26,6 +27,23 @@ def test_paste_takes_the_source_inside_the_box():
     out = paste(base, source, box)
     assert torch.equal(out[0, 0], box[0].float()) and torch.equal(out[0, 1], box[0].float())
     assert torch.equal(paste(base[:, 0], source[:, 0], box), box.float())
+
+
+def test_oracle_diagnostics_on_a_hand_made_batch():
+    # Pixels: right w=1, right w=0.5, wrong w=0.25, wrong w=0 (discarded), right w=0
+    # (discarded), an ignored truth, and an invalid (padding) pixel.
+    target = torch.tensor([[[1, 2, 0, 1, 3, 1, 1]]])
+    truth = torch.tensor([[[1, 2, 1, 0, 3, 255, 0]]])
+    weight = torch.tensor([[[1.0, 0.5, 0.25, 0.0, 0.0, 1.0, 1.0]]])
+    valid = torch.tensor([[[True] * 6 + [False]]])
+    logs = oracle_diagnostics(PseudoLabels(target, weight, torch.ones_like(weight)), valid, truth)
+    assert float(logs["oracle/acc_used"]) == pytest.approx(2 / 3)
+    assert float(logs["oracle/acc_discarded"]) == pytest.approx(1 / 2)
+    assert float(logs["oracle/acc_weighted"]) == pytest.approx(1.5 / 1.75)
+    assert float(logs["oracle/weight_correct"]) == pytest.approx(0.75)
+    assert float(logs["oracle/weight_wrong"]) == pytest.approx(0.25)
+    nothing_used = oracle_diagnostics(PseudoLabels(target, torch.zeros_like(weight), weight), valid, truth)
+    assert math.isnan(nothing_used["oracle/acc_used"]) and math.isnan(nothing_used["oracle/acc_weighted"])
 
 
 @pytest.mark.parametrize("scheme", SEMI)

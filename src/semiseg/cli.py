@@ -174,7 +174,16 @@ def _cmd_plot(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{run} is not a run folder (no metrics.jsonl / config.yaml)")
     cfg = load_config(run / "config.yaml")
     fmt = get_format(cfg.data.format, cfg.data.num_classes, cfg.data.class_names, root=Path(cfg.data.root))
-    for path in plot_run(run, fmt.num_classes, args.iterations):
+    compare = [Path(other) for other in args.compare or []]
+    for other in compare:
+        if not (other / "metrics.jsonl").is_file():
+            raise FileNotFoundError(f"{other} is not a run folder (no metrics.jsonl)")
+    try:
+        paths = plot_run(run, fmt.num_classes, args.iterations, compare)
+    except ValueError as err:  # the metrics lack what a figure needs: say which, no traceback
+        print(f"semiseg plot: {err}", file=sys.stderr)
+        return 2
+    for path in paths:
         print(f"wrote {path}")
     return 0
 
@@ -268,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plot", help="draw a run's pseudo-label diagnostics (DAW fits and t*, mask ratio, accuracy)")
     p.add_argument("run", help="run folder")
     p.add_argument("--iterations", type=int, nargs="*", help="iterations at which to draw the DAW fits")
+    p.add_argument("--compare", nargs="+", metavar="RUN", help="other runs whose pseudo-label accuracy to draw beside this one")
     p.set_defaults(func=_cmd_plot)
 
     p = sub.add_parser("quickstart", help="make a synthetic dataset, train on it, print the mIoU table")

@@ -4,7 +4,10 @@
 - `daw_fits.png`: the truncated Gaussians of correct (positive) and incorrect (negative)
   confidences on [1/C, 1], with t*, at chosen iterations (DAW paper Fig. 2/4 style);
 - `pseudo_labels.png`: t*, the fraction of unlabeled pixels used, and (under
-  `scheme.oracle_eval`) the accuracy of used and discarded pseudo labels over training;
+  `scheme.oracle_eval`) the accuracy of used and discarded pseudo labels and the
+  weight-averaged accuracy over training;
+- with `--compare RUN2 ...`: `pseudo_label_accuracy.png`, the weight-averaged accuracy of
+  each run over training (a weighting policy against its threshold-only baseline);
 - FPL runs: `fpl_k_histogram.png` (share of pixels per K over training, Fig. 4a),
   `fpl_k_maps.png` (K maps of a few unlabeled images across training, Fig. 5) and, under
   `scheme.oracle_eval`, `fpl_gradient_scores.png` (mean R of FPL vs cross-entropy per case,
@@ -86,6 +89,7 @@ def plot_pseudo_label_curves(records: list[dict], out: Path) -> Path:
         "fraction of pixels used": "mask_ratio",
         "accuracy of used pseudo labels": "oracle/acc_used",
         "accuracy of discarded pseudo labels": "oracle/acc_discarded",
+        "weight-averaged accuracy": "oracle/acc_weighted",
     }
     present = {label: key for label, key in series.items() if any(key in r for r in train)}
     if not present:
@@ -99,6 +103,22 @@ def plot_pseudo_label_curves(records: list[dict], out: Path) -> Path:
     ax.set_ylim(0, 1.02)
     ax.legend(fontsize=8)
     return _save(fig, out / "pseudo_labels.png")
+
+
+def plot_accuracy_comparison(runs: dict[str, list[dict]], out: Path) -> Path:
+    """Weight-averaged pseudo-label accuracy (`oracle/acc_weighted`) of several runs over
+    training, e.g. rank weighting against its threshold-only baseline."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, records in runs.items():
+        points = [(r["iteration"], r["oracle/acc_weighted"]) for r in records if r["split"] == "train" and "oracle/acc_weighted" in r]
+        if not points:
+            raise ValueError(f"{name}: no oracle/acc_weighted in its metrics (train it with scheme.oracle_eval=true)")
+        ax.plot(*zip(*points, strict=True), label=name)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("weight-averaged pseudo-label accuracy")
+    ax.legend(fontsize=8)
+    return _save(fig, out / "pseudo_label_accuracy.png")
 
 
 K_KEYS = ("fpl/k1", "fpl/k2", "fpl/k3", "fpl/k4+")
@@ -166,11 +186,20 @@ def plot_fpl_k_maps(snapshots: list[dict], out: Path, columns: int = 4) -> Path:
     return _save(fig, out / "fpl_k_maps.png", tight=False)
 
 
-def plot_run(run: Path, num_classes: int, iterations: Sequence[int] | None = None) -> list[Path]:
-    """Write every figure this run's metrics support; returns their paths."""
+def plot_run(
+    run: Path, num_classes: int, iterations: Sequence[int] | None = None, compare: Sequence[Path] = ()
+) -> list[Path]:
+    """Write every figure this run's metrics support; returns their paths. `compare`: other
+    run folders whose pseudo-label accuracy is drawn next to this run's."""
     records = read_metrics(run / "metrics.jsonl")
     out = run / "plots"
     paths = [plot_pseudo_label_curves(records, out)]
+    if compare:
+        # Bench runs live in METHOD/seedN: the last two parts tell them apart.
+        runs = {"/".join(run.parts[-2:]): records}
+        for other in compare:
+            runs["/".join(other.parts[-2:])] = read_metrics(other / "metrics.jsonl")
+        paths.append(plot_accuracy_comparison(runs, out))
     if any("policy/mu_pos" in r for r in records):
         paths.append(plot_daw_fits(records, num_classes, out, iterations))
     if any("fpl/k1" in r for r in records):

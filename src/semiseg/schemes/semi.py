@@ -149,7 +149,10 @@ class SemiScheme(Scheme):
 
     def diagnostics(self, pl: PseudoLabels, valid: Tensor, oracle: Tensor | None) -> dict[str, Tensor | float]:
         """Fraction of valid pixels used, their mean weight, the policy's own scalars and, under
-        oracle_eval, the accuracy of used and of discarded pseudo labels."""
+        oracle_eval, the accuracy of used and of discarded pseudo labels, the weight-averaged
+        accuracy (what the loss actually sees; equal to the used accuracy for 0/1 weights) and
+        the mean weight of right and of wrong used pseudo labels (how well a soft weight, such
+        as rank weighting's, separates them)."""
         valid_f = valid.float()
         n_valid = valid_f.sum().clamp(min=1)
         used = (pl.weight > 0) & valid
@@ -162,12 +165,7 @@ class SemiScheme(Scheme):
         if pl.positive is not None:
             logs.update(fpl_k_histogram(pl.positive, valid))
         if oracle is not None:
-            known = valid & (oracle != 255)
-            correct = pl.target == oracle
-            for name, part in (("used", used & known), ("discarded", ~used & known)):
-                # NaN marks "no such pixels in this batch"; the logger keeps it out of TensorBoard.
-                count = part.float().sum()
-                logs[f"oracle/acc_{name}"] = (correct & part).float().sum() / count if count > 0 else float("nan")
+            logs.update(oracle_diagnostics(pl, valid, oracle))
         return logs
 
     def state_dict(self) -> dict:
@@ -176,6 +174,31 @@ class SemiScheme(Scheme):
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.policy.load_state_dict(state["policy"])
+
+
+def oracle_diagnostics(pl: PseudoLabels, valid: Tensor, oracle: Tensor) -> dict[str, Tensor | float]:
+    """Pseudo-label quality against ground truth that training never sees, on valid pixels
+    with a known class: accuracy of used (weight > 0) and of discarded labels, the
+    weight-averaged accuracy sum(w [right]) / sum(w), and the mean weight of right and of
+    wrong used labels. NaN marks "no such pixels in this batch" (the logger keeps it out of
+    TensorBoard)."""
+    known = valid & (oracle != 255)
+    correct = pl.target == oracle
+    used = (pl.weight > 0) & known
+
+    def mean(values: Tensor, part: Tensor) -> Tensor | float:
+        count = part.float().sum()
+        return (values * part).sum() / count if count > 0 else float("nan")
+
+    weight = pl.weight * known
+    total = weight.sum()
+    return {
+        "oracle/acc_used": mean(correct.float(), used),
+        "oracle/acc_discarded": mean(correct.float(), ~used & known),
+        "oracle/acc_weighted": (weight * correct).sum() / total if total > 0 else float("nan"),
+        "oracle/weight_correct": mean(pl.weight, used & correct),
+        "oracle/weight_wrong": mean(pl.weight, used & ~correct),
+    }
 
 
 def _rows(pl: PseudoLabels, rows: slice) -> PseudoLabels:
