@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from conftest import crash_at, tiny_config
 
 from semiseg.checkpoint import load_checkpoint
+from semiseg.cli import main
 from semiseg.config import config_from_dict
 from semiseg.engine import train
 from semiseg.metrics_log import read_metrics
@@ -128,6 +129,8 @@ def test_stpg_trains_logs_selection_and_resumes_exactly(synthetic_root, tmp_path
     shares = last["stpg/share_consistent"] + last["stpg/share_high_mismatch"] + last["stpg/share_low_mismatch"]
     assert shares == pytest.approx(1.0, abs=1e-4)
     assert "stpg/mismatch/0" in last and last["loss_sim"] > 0 and math.isfinite(last["loss"])
+    assert main(["plot", str(tmp_path / "ref")]) == 0
+    assert (tmp_path / "ref" / "plots" / "stpg_mismatch.png").is_file()
 
     cfg = stpg_config(synthetic_root, tmp_path / "killed")
     crash_at(cfg, 3, monkeypatch)

@@ -179,7 +179,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
         if not (other / "metrics.jsonl").is_file():
             raise FileNotFoundError(f"{other} is not a run folder (no metrics.jsonl)")
     try:
-        paths = plot_run(run, fmt.num_classes, args.iterations, compare)
+        paths = plot_run(run, fmt.num_classes, args.iterations, compare, fmt.class_names)
     except ValueError as err:  # the metrics lack what a figure needs: say which, no traceback
         print(f"semiseg plot: {err}", file=sys.stderr)
         return 2

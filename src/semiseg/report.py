@@ -8,6 +8,8 @@
   weight-averaged accuracy over training;
 - with `--compare RUN2 ...`: `pseudo_label_accuracy.png`, the weight-averaged accuracy of
   each run over training (a weighting policy against its threshold-only baseline);
+- STPG runs: `stpg_mismatch.png` (per-class mismatch scores and the shares of consistent,
+  highly and lowly mismatched pixels over training);
 - FPL runs: `fpl_k_histogram.png` (share of pixels per K over training, Fig. 4a),
   `fpl_k_maps.png` (K maps of a few unlabeled images across training, Fig. 5) and, under
   `scheme.oracle_eval`, `fpl_gradient_scores.png` (mean R of FPL vs cross-entropy per case,
@@ -121,6 +123,39 @@ def plot_accuracy_comparison(runs: dict[str, list[dict]], out: Path) -> Path:
     return _save(fig, out / "pseudo_label_accuracy.png")
 
 
+STPG_SHARES = {
+    "consistent": "stpg/share_consistent",
+    "highly mismatched": "stpg/share_high_mismatch",
+    "lowly mismatched": "stpg/share_low_mismatch",
+}
+
+
+def plot_stpg_mismatch(records: list[dict], class_names: Sequence[str], out: Path) -> Path:
+    """STPG's pixel selection over training: the class mismatch score I_q of every class
+    (Eq. 5) and the shares of consistent, highly and lowly mismatched pixels (Eq. 6)."""
+    train = [r for r in records if r["split"] == "train" and all(k in r for k in STPG_SHARES.values())]
+    if not train:
+        raise ValueError("no STPG selection statistics (stpg/share_consistent, ...) in this run's metrics")
+    steps = [r["iteration"] for r in train]
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.6))
+    for c, name in enumerate(class_names):
+        key = f"stpg/mismatch/{c}"
+        points = [(r["iteration"], r[key]) for r in train if key in r]
+        if points:
+            left.plot(*zip(*points, strict=True), label=name, linewidth=1)
+    left.set_xlabel("iteration")
+    left.set_ylabel("class mismatch score I (Eq. 5)")
+    left.set_ylim(0, 2)
+    left.legend(fontsize=6, ncol=2)
+    right.stackplot(steps, *[[r[k] for r in train] for k in STPG_SHARES.values()], labels=list(STPG_SHARES))
+    right.set_xlabel("iteration")
+    right.set_ylabel("share of unlabeled pixels")
+    right.set_ylim(0, 1)
+    right.legend(fontsize=8, loc="lower right")
+    return _save(fig, out / "stpg_mismatch.png")
+
+
 K_KEYS = ("fpl/k1", "fpl/k2", "fpl/k3", "fpl/k4+")
 
 
@@ -187,7 +222,11 @@ def plot_fpl_k_maps(snapshots: list[dict], out: Path, columns: int = 4) -> Path:
 
 
 def plot_run(
-    run: Path, num_classes: int, iterations: Sequence[int] | None = None, compare: Sequence[Path] = ()
+    run: Path,
+    num_classes: int,
+    iterations: Sequence[int] | None = None,
+    compare: Sequence[Path] = (),
+    class_names: Sequence[str] | None = None,
 ) -> list[Path]:
     """Write every figure this run's metrics support; returns their paths. `compare`: other
     run folders whose pseudo-label accuracy is drawn next to this run's."""
@@ -204,6 +243,9 @@ def plot_run(
         paths.append(plot_daw_fits(records, num_classes, out, iterations))
     if any("fpl/k1" in r for r in records):
         paths.append(plot_fpl_k_histogram(records, out))
+    if any("stpg/share_consistent" in r for r in records):
+        names = class_names if class_names is not None else [str(c) for c in range(num_classes)]
+        paths.append(plot_stpg_mismatch(records, names, out))
     if any("fpl/R_case1" in r for r in records):
         paths.append(plot_fpl_gradient_scores(records, out))
     snapshots = load_k_maps(run)
