@@ -42,6 +42,8 @@ def test_int_is_accepted_for_float_but_not_the_reverse():
         ({**BASE, "model": "deeplab"}, "model: expected a mapping"),
         ({"data": {"labeled": "x"}}, "data.root is required"),
         ({**BASE, "train": {"iterations": 0}}, "train.iterations must be positive"),
+        ({**BASE, "scheme": {"cutmix_side": [0.5, 0.25]}}, "scheme.cutmix_side must be [lo, hi]"),
+        ({**BASE, "scheme": {"cutmix_boxes": 0}}, "scheme.cutmix_boxes must be at least 1"),
     ],
 )
 def test_bad_configs_name_the_key(data, message):

@@ -208,6 +208,30 @@ def test_cutmix_box_probability_and_global_rng():
         cutmix_box(8, 8, size_min=0.5, size_max=0.1)
 
 
+def test_stpg_cutmix_is_a_union_of_three_boxes_of_a_quarter_to_half_the_sides():
+    for s in range(20):
+        generator = torch.Generator().manual_seed(s)
+        union = cutmix_box(40, 60, p=0.0, count=3, side=(0.25, 0.5), generator=generator)
+        assert not union.any()  # p still applies
+        generator = torch.Generator().manual_seed(s)
+        union = cutmix_box(40, 60, p=1.0, count=3, side=(0.25, 0.5), generator=generator)
+        # No single box reaches past half a side, so the union is at least one box of
+        # 10x15 and at most three of 20x30.
+        assert 10 * 15 <= int(union.sum()) <= 3 * 20 * 30
+        one = cutmix_box(40, 60, p=1.0, side=(0.25, 0.5), generator=torch.Generator().manual_seed(s))
+        rows, cols = one.any(1).nonzero(), one.any(0).nonzero()
+        assert 10 <= len(rows) <= 20 and 15 <= len(cols) <= 30 and int(one.sum()) == len(rows) * len(cols)
+    # The default draw is UniMatch's, unchanged by the new options' defaults.
+    assert torch.equal(
+        cutmix_box(40, 60, p=1.0, generator=torch.Generator().manual_seed(3)),
+        cutmix_box(40, 60, p=1.0, count=1, side=None, generator=torch.Generator().manual_seed(3)),
+    )
+    with pytest.raises(ValueError, match="count"):
+        cutmix_box(8, 8, count=0)
+    with pytest.raises(ValueError, match="side"):
+        cutmix_box(8, 8, side=(0.6, 0.5))
+
+
 def test_eval_transform_modes():
     image, mask = block_scene(30, 40, block=5)
     out = EvalTransform()(image, mask)

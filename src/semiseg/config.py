@@ -101,6 +101,11 @@ class SchemeConfig:
     """EMA decay of the mean teacher."""
     cutmix_p: float = 0.5
     """Probability that a strong view gets a CutMix box from the mix-source batch."""
+    cutmix_boxes: int = 1
+    """CutMix boxes per strong view (their union is pasted); STPG uses 3."""
+    cutmix_side: list[float] | None = None
+    """[lo, hi]: each box's height and width are fractions uniform in [lo, hi] of the crop's
+    (STPG: [0.25, 0.5]); None: UniMatch's box, area 0.02-0.4 of the crop."""
     oracle_eval: bool = False
     """Research diagnostics: read the unlabeled images' masks (if every line has one) to log
     pseudo-label accuracy of used and discarded pixels. They never enter a loss."""
@@ -352,6 +357,11 @@ class Config:
             raise ConfigError(f"policy.momentum must be in [0, 1), got {self.policy.momentum}")
         if not 0 <= self.scheme.cutmix_p <= 1:
             raise ConfigError(f"scheme.cutmix_p must be in [0, 1], got {self.scheme.cutmix_p}")
+        if self.scheme.cutmix_boxes < 1:
+            raise ConfigError(f"scheme.cutmix_boxes must be at least 1, got {self.scheme.cutmix_boxes}")
+        side = self.scheme.cutmix_side
+        if side is not None and (len(side) != 2 or not 0 < side[0] <= side[1] <= 1):
+            raise ConfigError(f"scheme.cutmix_side must be [lo, hi] with 0 < lo <= hi <= 1, got {side}")
         if not 0 <= self.scheme.teacher_decay < 1:
             raise ConfigError(f"scheme.teacher_decay must be in [0, 1), got {self.scheme.teacher_decay}")
         if self.train.amp == "fp16" and not self.train.device.startswith(("cuda", "auto")):

@@ -498,7 +498,13 @@ class Trainer:
         unlabeled_iter = mix_iter = None
         if self.data.unlabeled is not None:
             batch_u = cfg.data.unlabeled_batch_size or cfg.data.batch_size
-            views = UnlabeledTransform(weak, cutmix_p=cfg.scheme.cutmix_p)
+            side = cfg.scheme.cutmix_side
+            views = UnlabeledTransform(
+                weak,
+                cutmix_p=cfg.scheme.cutmix_p,
+                cutmix_boxes=cfg.scheme.cutmix_boxes,
+                cutmix_side=tuple(side) if side is not None else None,
+            )
             oracle = cfg.scheme.oracle_eval
             boxes = functools.partial(detection_bitmask, cfg) if self._uses_detections() else None
             unlabeled_iter = self._train_loader(self.data.unlabeled, batch_u, oracle, cfg.train.seed + 1, views, boxes)

@@ -202,14 +202,22 @@ def cutmix_box(
     size_max: float = 0.4,
     ratio: tuple[float, float] = (0.3, 1 / 0.3),
     generator: torch.Generator | None = None,
+    count: int = 1,
+    side: tuple[float, float] | None = None,
 ) -> torch.Tensor:
-    """UniMatch's CutMix region: bool [H, W], True inside the box to paste.
+    """The CutMix region: bool [H, W], True inside the box(es) to paste.
 
-    With probability p, a box whose area is a fraction uniform in [size_min, size_max]
-    of the image and whose height/width ratio is uniform in `ratio`, placed uniformly
-    where it fits entirely; otherwise all False. UniMatch finds the position by
-    rejection sampling; drawing it among the valid positions always terminates, also
-    for images much wider than tall. Draws only from `generator` (global RNG if None).
+    UniMatch's (the default): with probability p, a box whose area is a fraction uniform
+    in [size_min, size_max] of the image and whose height/width ratio is uniform in
+    `ratio`, placed uniformly where it fits entirely; otherwise all False. UniMatch finds
+    the position by rejection sampling; drawing it among the valid positions always
+    terminates, also for images much wider than tall.
+
+    `count` > 1 pastes the union of that many boxes, and `side` = (lo, hi) draws each box's
+    height and width as independent fractions uniform in [lo, hi] of the image's instead of
+    by area and ratio: STPG's "three rectangular regions with random ratios ranging from 0.25
+    to 0.5" (Sec. 4.1) is count=3, side=(0.25, 0.5), p=1. Draws only from `generator`
+    (global RNG if None).
     """
     if height < 1 or width < 1:
         raise ValueError(f"cutmix_box needs a positive size, got {height}x{width}")
@@ -218,16 +226,25 @@ def cutmix_box(
         raise ValueError(f"need 0 < size_min <= size_max <= 1, got {size_min}, {size_max}")
     if not 0 < ratio[0] <= ratio[1]:
         raise ValueError(f"ratio must satisfy 0 < min <= max, got {ratio!r}")
+    if count < 1:
+        raise ValueError(f"count must be at least 1, got {count}")
+    if side is not None and not 0 < side[0] <= side[1] <= 1:
+        raise ValueError(f"side must satisfy 0 < min <= max <= 1, got {side!r}")
     box = torch.zeros(height, width, dtype=torch.bool)
     if _uniform(0, 1, generator) >= p:
         return box
-    area = _uniform(size_min, size_max, generator) * height * width
-    aspect = _uniform(*ratio, generator)
-    box_h = min(height, max(1, int(math.sqrt(area * aspect))))
-    box_w = min(width, max(1, int(math.sqrt(area / aspect))))
-    top = int(torch.randint(0, height - box_h + 1, (), generator=generator))
-    left = int(torch.randint(0, width - box_w + 1, (), generator=generator))
-    box[top : top + box_h, left : left + box_w] = True
+    for _ in range(count):
+        if side is None:
+            area = _uniform(size_min, size_max, generator) * height * width
+            aspect = _uniform(*ratio, generator)
+            box_h = min(height, max(1, int(math.sqrt(area * aspect))))
+            box_w = min(width, max(1, int(math.sqrt(area / aspect))))
+        else:
+            box_h = max(1, int(_uniform(*side, generator) * height))
+            box_w = max(1, int(_uniform(*side, generator) * width))
+        top = int(torch.randint(0, height - box_h + 1, (), generator=generator))
+        left = int(torch.randint(0, width - box_w + 1, (), generator=generator))
+        box[top : top + box_h, left : left + box_w] = True
     return box
 
 
@@ -279,7 +296,7 @@ class UnlabeledTransform:
 
     One weak geometric crop (`TrainTransform.geometric`), two independent strong photometric
     versions of that same crop, one CutMix box for each strong view, and `valid`, False on
-    the crop's padding. `image` is the weak view the teacher labels. If a mask is given
+    the crop's padding (`cutmix_*`: see `cutmix_box`). `image` is the weak view the teacher labels. If a mask is given
     (research diagnostics only: `oracle_mask`), it follows the crop but never the training.
 
     Returns {'image', 'strong1', 'strong2': float [3,h,w] normalised; 'box1', 'box2',
@@ -293,11 +310,13 @@ class UnlabeledTransform:
         weak: TrainTransform,
         strong: StrongTransform | None = None,
         cutmix_p: float = 0.5,
+        cutmix_boxes: int = 1,
+        cutmix_side: tuple[float, float] | None = None,
     ) -> None:
         _check_probability(cutmix_p, "cutmix_p")
         self.weak = weak
         self.strong = strong or StrongTransform()
-        self.cutmix_p = cutmix_p
+        self.cutmix = {"p": cutmix_p, "count": cutmix_boxes, "side": cutmix_side}
 
     def __call__(
         self, image: torch.Tensor, mask: torch.Tensor | None = None, detections: torch.Tensor | None = None
@@ -324,9 +343,9 @@ class UnlabeledTransform:
         out = {
             "image": normalize(crop),
             "strong1": normalize(self.strong(crop)),
-            "box1": cutmix_box(h, w, p=self.cutmix_p),
+            "box1": cutmix_box(h, w, **self.cutmix),
             "strong2": normalize(self.strong(crop)),
-            "box2": cutmix_box(h, w, p=self.cutmix_p),
+            "box2": cutmix_box(h, w, **self.cutmix),
             "valid": valid,
         }
         if mask is not None:
