@@ -84,3 +84,37 @@ def test_two_process_self_training_and_pseudo_labels_match_one_process(synthetic
     one = sorted((tmp_path / "one" / "labels").glob("*.png"))
     assert [p.name for p in one] == [p.name for p in two]
     assert all(a.read_bytes() == b.read_bytes() for a, b in zip(one, two, strict=True))
+
+
+def _push_from_rank(rank: int, world: int, init_file: str, out: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from semiseg.distributed import all_gather_pairs
+    from semiseg.pseudo.memory import FeatureBank
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    bank = FeatureBank(num_classes=2, dim=1, size=8, per_update=2, gather=all_gather_pairs, seed=rank)
+    # Rank r offers 5 features of value 10 r + i of class 0 and one of class 1 (only rank 1).
+    features = (10.0 * rank + torch.arange(5.0)).unsqueeze(1)
+    labels = torch.zeros(5, dtype=torch.long)
+    if rank == 1:
+        features, labels = torch.cat([features, torch.tensor([[99.0]])]), torch.cat([labels, torch.tensor([1])])
+    bank.push(features, labels)
+    torch.save(bank.state_dict(), f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_feature_bank_under_ddp_holds_every_ranks_features_on_every_rank(tmp_path):
+    import torch
+    import torch.multiprocessing as mp
+
+    mp.spawn(_push_from_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    a, b = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert torch.equal(a["queues"], b["queues"]) and torch.equal(a["counts"], b["counts"])
+    assert a["counts"].tolist() == [4, 1]  # 2 random features per class and rank
+    stored = a["queues"][0, :4, 0]
+    # Newest first: rank 1's two come before rank 0's, and each rank's are its own values.
+    assert all(10 <= v < 15 for v in stored[:2].tolist()) and all(0 <= v < 5 for v in stored[2:].tolist())
+    assert a["queues"][1, 0, 0].item() == 99.0
