@@ -1,0 +1,58 @@
+"""Tabulate logged training diagnostics of bench runs: the mean of each metric over the first
+and the last part of training, per method and seed (markdown).
+
+    python benchmarks/run_diagnostics.py runs/bench/camvid-1_8-cpu \
+        --methods unimatch unimatch-ppw --seeds 0 1 \
+        --keys mask_ratio oracle/acc_used oracle/acc_weighted policy/mean_rank_weight
+
+Each cell is "first / last" (with `--parts 2`: first half / second half of the logged
+steps). Metrics a run never logged print as "-"; NaN entries (no such pixels in a batch)
+are skipped when averaging.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+from semiseg.metrics_log import read_metrics
+
+
+def part_means(records: list[dict], key: str, parts: int) -> tuple[float, float] | None:
+    """Mean of `key` over the first and over the last of `parts` equal runs of logged steps."""
+    values = [r[key] for r in records if r["split"] == "train" and key in r and math.isfinite(r[key])]
+    if not values:
+        return None
+    size = max(1, len(values) // parts)
+    first, last = values[:size], values[-size:]
+    return sum(first) / len(first), sum(last) / len(last)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("root", type=Path, help="bench output folder (METHOD/seedN/metrics.jsonl below it)")
+    parser.add_argument("--methods", nargs="+", required=True)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--keys", nargs="+", required=True, help="metric names as logged")
+    parser.add_argument("--parts", type=int, default=2, help="compare the first and last 1/parts of training")
+    parser.add_argument("--digits", type=int, default=3)
+    args = parser.parse_args()
+
+    print("| method | seed | " + " | ".join(args.keys) + " |")
+    print("|---|---:|" + "---:|" * len(args.keys))
+    for method in args.methods:
+        for seed in args.seeds:
+            path = args.root / method / f"seed{seed}" / "metrics.jsonl"
+            if not path.is_file():
+                raise SystemExit(f"no metrics log at {path}")
+            records = read_metrics(path)
+            cells = []
+            for key in args.keys:
+                means = part_means(records, key, args.parts)
+                cells.append("-" if means is None else f"{means[0]:.{args.digits}f} / {means[1]:.{args.digits}f}")
+            print(f"| {method} | {seed} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
