@@ -12,7 +12,7 @@ from semiseg.pseudo.detector import (
     reliable_pixels,
 )
 from semiseg.pseudo.memory import FeatureBank, combined_prototypes
-from semiseg.pseudo.rankweight import cosine_weight, rank_weight, top_k_indices
+from semiseg.pseudo.rankweight import cosine_weight, rank_overlap, rank_weight, top_k_mask
 
 
 def pixel_features(*vectors: list[float]) -> torch.Tensor:
@@ -46,9 +46,25 @@ def test_rank_weight_on_hand_made_features():
 
 
 def test_ties_are_broken_by_lower_index_and_k_is_checked():
-    assert top_k_indices(torch.tensor([[1.0, 2.0, 2.0, 2.0]]), 2, dim=1).tolist() == [[1, 2]]
+    assert top_k_mask(torch.tensor([[1.0, 2.0, 2.0, 2.0]]), 2, dim=1).tolist() == [[False, True, True, False]]
+    assert top_k_mask(torch.tensor([[3.0, 2.0, 2.0, 5.0]]), 3, dim=1).tolist() == [[True, True, False, True]]
     with pytest.raises(ValueError, match="k must be"):
-        top_k_indices(torch.zeros(1, 4), 5, dim=1)
+        top_k_mask(torch.zeros(1, 4), 5, dim=1)
+
+
+def test_top_k_mask_is_the_set_a_stable_descending_sort_gives():
+    torch.manual_seed(0)
+    # Few distinct values: many ties at the k-th place.
+    values = torch.randint(0, 4, (3, 16, 5, 6)).float()
+    for k in (1, 5, 16):
+        order = values.sort(dim=1, descending=True, stable=True).indices[:, :k]
+        expected = torch.zeros_like(values, dtype=torch.bool).scatter(1, order, True)
+        assert torch.equal(top_k_mask(values, k, dim=1), expected), k
+    prototypes = torch.rand(4, 16)
+    members = torch.zeros(4, 16, dtype=torch.bool).scatter(1, prototypes.sort(dim=1, descending=True, stable=True).indices[:, :5], True)
+    pixel = torch.zeros_like(values, dtype=torch.bool).scatter(1, values.sort(dim=1, descending=True, stable=True).indices[:, :5], True)
+    expected = (pixel[:, None] & members[None, :, :, None, None]).sum(2)
+    assert torch.equal(rank_overlap(values, prototypes, 5), expected)
 
 
 def test_rank_weight_of_low_resolution_features_equals_nearest_upsampled_features():

@@ -9,8 +9,8 @@ labeled and reliable unlabeled pixel features (`semiseg.pseudo.memory.FeatureBan
 
 Shapes: features [B,D,H,W], prototypes [C,D], pseudo labels [B,H,W] (255 = none).
 Features are ranked by value; the penultimate features the paper uses follow a ReLU, so
-value and magnitude agree. Equal values are ranked by dimension index (a stable sort), so
-the weight is deterministic under ties.
+value and magnitude agree. Equal values are ranked by dimension index (as a stable sort
+would), so the weight is deterministic under ties.
 """
 
 from __future__ import annotations
@@ -30,32 +30,38 @@ IGNORE_INDEX = 255
 Variant = Literal["paper", "official"]
 
 
-def top_k_indices(values: Tensor, k: int, dim: int) -> Tensor:
-    """Indices of the k largest entries along `dim`, ties broken towards the lower index."""
+def top_k_mask(values: Tensor, k: int, dim: int) -> Tensor:
+    """bool, the shape of `values`: True at the k largest entries along `dim`, ties at the
+    k-th value broken towards the lower index (the order a stable descending sort gives).
+
+    One `torch.topk` finds the k-th value; entries above it are in, and of those equal to it
+    the first ones by index fill the remaining places. A stable sort of every pixel's D
+    values gives the same set at several times the cost.
+    """
     if not 1 <= k <= values.shape[dim]:
         raise ValueError(f"k must be in [1, {values.shape[dim]}], got {k}")
-    return values.sort(dim=dim, descending=True, stable=True).indices.narrow(dim, 0, k)
-
-
-def prototype_members(prototypes: Tensor, k: int) -> Tensor:
-    """bool [C,D]: True at the top-k dimensions of each class prototype."""
-    members = torch.zeros(prototypes.shape, dtype=torch.bool, device=prototypes.device)
-    return members.scatter(1, top_k_indices(prototypes, k, dim=1), True)
+    kth = values.topk(k, dim=dim).values.narrow(dim, k - 1, 1)
+    above = values > kth
+    tied = values == kth
+    free = k - above.sum(dim=dim, keepdim=True)
+    # Ordering the ties costs a cumsum; only needed where more entries tie than places remain.
+    if bool((tied.sum(dim=dim, keepdim=True) > free).any()):
+        tied &= tied.cumsum(dim=dim) <= free
+    return above | tied
 
 
 def rank_overlap(features: Tensor, prototypes: Tensor, k: int = 5) -> Tensor:
     """s for every pixel and every class: #(top-k of the pixel's feature intersect top-k of
-    prototype c), int64 [B,C,H,W]. Computed at the features' resolution; memory is that of
-    the top-k indices, not of the features times classes."""
+    prototype c), int64 [B,C,H,W]. Computed at the features' resolution, as one product of
+    the pixels' and the prototypes' top-k membership masks."""
     if features.dim() != 4 or prototypes.dim() != 2 or features.shape[1] != prototypes.shape[1]:
         raise ValueError(
             f"features [B,D,H,W] and prototypes [C,D] must share D, got {tuple(features.shape)} and {tuple(prototypes.shape)}"
         )
-    members = prototype_members(prototypes, k)  # [C, D]
-    idx = top_k_indices(features, k, dim=1)  # [B, k, H, W]
-    # members[:, idx] -> [C, B, k, H, W]: whether each of the pixel's top-k dims is in class c's.
-    hits = members[:, idx]
-    return hits.sum(dim=2).permute(1, 0, 2, 3)
+    # float32 whatever the features' dtype (AMP): the counts, at most k, stay exact.
+    members = top_k_mask(prototypes, k, dim=1).float()
+    pixels = top_k_mask(features, k, dim=1).float()
+    return torch.einsum("bdhw,cd->bchw", pixels, members).round().long()
 
 
 def _weights_from_overlap(s: Tensor, k: int, variant: Variant) -> Tensor:
