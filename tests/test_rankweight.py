@@ -302,7 +302,7 @@ def test_rppi_adds_only_detector_verified_confident_pixels_to_the_unlabeled_bank
 
 
 @pytest.mark.parametrize("scheme", ["fixmatch", "unimatch"])
-def test_rank_policy_trains_with_ppw_and_with_cached_detections(synthetic_root, tmp_path, scheme):
+def test_rank_policy_trains_with_ppw_and_with_cached_detections(synthetic_root, tmp_path, scheme, capsys):
     import json
     import math
 
@@ -351,3 +351,17 @@ def test_rank_policy_trains_with_ppw_and_with_cached_detections(synthetic_root, 
     assert in_box["per_class_pixels"][3] == pixel["per_class_pixels"][3] and outside["per_class_pixels"][3] == 0
     assert in_box["per_class_pixels"][4] == 0 and outside["per_class_pixels"][4] == pixel["per_class_pixels"][4]
     assert pixel["things_pixels"] == sum(pixel["per_class_pixels"].values())
+
+    # The same from the command line, with box accuracy at two IoUs.
+    import yaml
+
+    from semiseg.cli import main
+    from semiseg.config import config_to_dict
+
+    path = tmp_path / "rppi.yaml"
+    path.write_text(yaml.safe_dump(config_to_dict(cfg)))
+    capsys.readouterr()
+    assert main(["detector", "eval", str(path), "--iou", "0.8", "0.1", "--checkpoint", str(tmp_path / "rppi" / "latest.pt"), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "16 detections" in printed and "at IoU >= 0.8" in printed and "at IoU >= 0.1" in printed
+    assert "Pixel ∩ BBox" in printed

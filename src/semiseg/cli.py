@@ -130,12 +130,13 @@ def _cmd_detector(args: argparse.Namespace) -> int:
     if args.action == "detect":
         print(f"detections in {detection.detect(cfg, samples, device, progress)}")
         return 0
-    result = detection.box_accuracy(cfg, samples, fmt)
+    results = [detection.box_accuracy(cfg, samples, fmt, iou) for iou in args.iou]
     names = fmt.class_names or [str(c) for c in range(fmt.num_classes)]
-    print(f"{result['detections']} detections (score >= {cfg.detector.score_threshold}), box accuracy (IoU >= 0.8): {100 * result['accuracy']:.1f} %")
-    for c, acc in result["per_class"].items():
-        shown = "-" if acc is None else f"{100 * acc:.1f} %"
-        print(f"  {names[c]:<14}{result['per_class_count'][c]:>6} boxes  {shown}")
+    accuracies = ", ".join(f"{100 * r['accuracy']:.1f} % at IoU >= {iou}" for r, iou in zip(results, args.iou, strict=True))
+    print(f"{results[0]['detections']} detections (score >= {cfg.detector.score_threshold}), box accuracy: {accuracies}")
+    for c, count in results[0]["per_class_count"].items():
+        shown = ["-" if r["per_class"][c] is None else f"{100 * r['per_class'][c]:.1f} %" for r in results]
+        print(f"  {names[c]:<14}{count:>6} boxes  " + "  ".join(f"{cell:>8}" for cell in shown))
     if args.checkpoint:
         agreement = detection.pixel_box_accuracy(cfg, args.checkpoint, samples, fmt, device, progress)
         print(f"pseudo-label precision of {args.checkpoint} (confidence >= {agreement['threshold']}), % (pixels):")
@@ -263,6 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--checkpoint",
         help="eval: also the precision of this segmentation checkpoint's confident pseudo labels inside and outside the boxes",
+    )
+    p.add_argument(
+        "--iou", type=float, nargs="+", default=[0.8],
+        help="eval: IoU(s) with a ground-truth box that make a detection correct (the supplement: 0.8)",
     )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_detector)
