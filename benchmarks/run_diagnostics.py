@@ -8,11 +8,15 @@ and the last part of training, per method and seed (markdown).
 Each cell is "first / last" (with `--parts 2`: first half / second half of the logged
 steps). Metrics a run never logged print as "-"; NaN entries (no such pixels in a batch)
 are skipped when averaging.
+
+`--final iou/Pedestrian iou/Bicyclist ...` instead tabulates final evaluation scores
+(RUN/final.json), one row per method, averaged over the seeds, in percent.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from pathlib import Path
 
@@ -34,10 +38,16 @@ def main() -> None:
     parser.add_argument("root", type=Path, help="bench output folder (METHOD/seedN/metrics.jsonl below it)")
     parser.add_argument("--methods", nargs="+", required=True)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--keys", nargs="+", required=True, help="metric names as logged")
+    parser.add_argument("--keys", nargs="+", help="metric names as logged")
+    parser.add_argument("--final", nargs="+", help="final evaluation scores (final.json), mean over seeds")
     parser.add_argument("--parts", type=int, default=2, help="compare the first and last 1/parts of training")
     parser.add_argument("--digits", type=int, default=3)
     args = parser.parse_args()
+    if bool(args.keys) == bool(args.final):
+        parser.error("give either --keys or --final")
+    if args.final:
+        print_final(args)
+        return
 
     print("| method | seed | " + " | ".join(args.keys) + " |")
     print("|---|---:|" + "---:|" * len(args.keys))
@@ -52,6 +62,23 @@ def main() -> None:
                 means = part_means(records, key, args.parts)
                 cells.append("-" if means is None else f"{means[0]:.{args.digits}f} / {means[1]:.{args.digits}f}")
             print(f"| {method} | {seed} | " + " | ".join(cells) + " |")
+
+
+def print_final(args: argparse.Namespace) -> None:
+    print("| method | " + " | ".join(args.final) + " |")
+    print("|---|" + "---:|" * len(args.final))
+    for method in args.methods:
+        scores = []
+        for seed in args.seeds:
+            path = args.root / method / f"seed{seed}" / "final.json"
+            if not path.is_file():
+                raise SystemExit(f"no final scores at {path} (is the run finished?)")
+            scores.append(json.loads(path.read_text())["final"])
+        cells = []
+        for key in args.final:
+            values = [100 * s[key] for s in scores if key in s]
+            cells.append(f"{sum(values) / len(values):.1f}" if values else "-")
+        print(f"| {method} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
