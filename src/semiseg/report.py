@@ -143,7 +143,9 @@ def plot_stpg_mismatch(records: list[dict], class_names: Sequence[str], out: Pat
         key = f"stpg/mismatch/{c}"
         points = [(r["iteration"], r[key]) for r in train if key in r]
         if points:
-            left.plot(*zip(*points, strict=True), label=name, linewidth=1)
+            # tab10 repeats from the 11th class on (CamVid has 11): 20 colours, then dashes for VOC's 21
+            style = "-" if c < 20 else "--"
+            left.plot(*zip(*points, strict=True), label=name, linewidth=1, color=plt.cm.tab20(c % 20), linestyle=style)
     left.set_xlabel("iteration")
     left.set_ylabel("class mismatch score I (Eq. 5)")
     left.set_ylim(0, 2)
