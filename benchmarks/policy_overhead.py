@@ -35,7 +35,9 @@ POLICIES = {
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--crop", type=int, default=192)
@@ -49,7 +51,9 @@ def main() -> int:
     model = build_model("deeplabv3plus", "efficientnet_lite0", num_classes, pretrained="imagenet")
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     schemes = {
-        label: FixMatchScheme(cfg, {"student": model}, num_classes, build_policy(name, num_classes, **options))
+        label: FixMatchScheme(
+            cfg, {"student": model}, num_classes, build_policy(name, num_classes, **options)
+        )
         for label, (name, options) in POLICIES.items()
     }
 
@@ -68,7 +72,9 @@ def main() -> int:
         for label, scheme in schemes.items():
             times[label].append(step(scheme))
 
-    probs = torch.randn(2 * args.batch, num_classes, args.crop, args.crop, generator=generator).softmax(1)
+    probs = torch.randn(
+        2 * args.batch, num_classes, args.crop, args.crop, generator=generator
+    ).softmax(1)
     valid = torch.ones(2 * args.batch, args.crop, args.crop, dtype=torch.bool)
     labeled_probs = probs[: args.batch]
     policy_ms = {}
@@ -83,8 +89,12 @@ def main() -> int:
         policy_ms[label] = 1000 * statistics.median(runs)
 
     base = statistics.median(times["threshold (FixMatch)"])
-    print(f"FixMatch step, batch {args.batch}+{args.batch}+{args.batch}, crop {args.crop}, {args.threads} threads, {args.rounds} rounds")
-    print("| policy | step median (s) | ratio to threshold | policy alone (ms) | policy alone / threshold step |")
+    print(
+        f"FixMatch step, batch {args.batch}+{args.batch}+{args.batch}, crop {args.crop}, {args.threads} threads, {args.rounds} rounds"
+    )
+    print(
+        "| policy | step median (s) | ratio to threshold | policy alone (ms) | policy alone / threshold step |"
+    )
     print("|---|---:|---:|---:|---:|")
     for label in schemes:
         median = statistics.median(times[label])

@@ -34,10 +34,19 @@ print(json.dumps(stats))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("checkpoint")
-    parser.add_argument("--lists", nargs="+", required=True, help="split lists of the images to label (concatenated)")
-    parser.add_argument("--data-root", default="", help="dataset folder (default: the checkpoint's)")
+    parser.add_argument(
+        "--lists",
+        nargs="+",
+        required=True,
+        help="split lists of the images to label (concatenated)",
+    )
+    parser.add_argument(
+        "--data-root", default="", help="dataset folder (default: the checkpoint's)"
+    )
     parser.add_argument("--methods", nargs="+", default=["dars", "da", "cbst", "st"])
     args = parser.parse_args()
     rows = []
@@ -46,12 +55,32 @@ def main() -> None:
         images.write_text("".join(Path(p).read_text() for p in args.lists))
         for method in args.methods:
             out = Path(tmp) / method
-            cmd = [sys.executable, "-c", CHILD, args.checkpoint, str(out), method, str(images), args.data_root]
+            cmd = [
+                sys.executable,
+                "-c",
+                CHILD,
+                args.checkpoint,
+                str(out),
+                method,
+                str(images),
+                args.data_root,
+            ]
             result = subprocess.run(cmd, check=True, capture_output=True, text=True)
             stats = json.loads(result.stdout.strip().splitlines()[-1])
             in_memory = stats["pixels"] * stats["num_classes"] * 4 / 2**20
-            rows.append((method, stats["images"], stats["pixels"], stats["seconds"], stats["peak_rss_mib"], in_memory))
-    print("| method | images | pixels | seconds | peak RSS (MiB) | all probability maps, float32 (MiB) |")
+            rows.append(
+                (
+                    method,
+                    stats["images"],
+                    stats["pixels"],
+                    stats["seconds"],
+                    stats["peak_rss_mib"],
+                    in_memory,
+                )
+            )
+    print(
+        "| method | images | pixels | seconds | peak RSS (MiB) | all probability maps, float32 (MiB) |"
+    )
     print("|---|---:|---:|---:|---:|---:|")
     for method, images, pixels, seconds, peak, in_memory in rows:
         print(f"| {method} | {images} | {pixels} | {seconds:.1f} | {peak:.0f} | {in_memory:.0f} |")

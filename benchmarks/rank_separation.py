@@ -29,15 +29,21 @@ from semiseg.pseudo.rankweight import cosine_table, rank_overlap
 
 
 @torch.no_grad()
-def features_of(model, dataset: SegmentationDataset) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def features_of(
+    model, dataset: SegmentationDataset
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(features [D,h,w], mask [h,w], probabilities [C,h,w]) per image, on the feature grid."""
     out = []
     for i in range(len(dataset)):
         item = dataset[i]
         pred = model(item["image"][None])
         grid = pred.features.shape[-2:]
-        mask = F.interpolate(item["mask"][None, None].float(), size=grid, mode="nearest")[0, 0].long()
-        probs = F.interpolate(pred.logits.float(), size=grid, mode="bilinear", align_corners=False).softmax(1)[0]
+        mask = F.interpolate(item["mask"][None, None].float(), size=grid, mode="nearest")[
+            0, 0
+        ].long()
+        probs = F.interpolate(
+            pred.logits.float(), size=grid, mode="bilinear", align_corners=False
+        ).softmax(1)[0]
         out.append((pred.features[0], mask, probs))
     return out
 
@@ -54,7 +60,9 @@ def class_prototypes(items, num_classes: int) -> torch.Tensor:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("checkpoint")
     parser.add_argument("--images", type=int, default=64, help="unlabeled images to score")
     parser.add_argument("--threshold", type=float, default=0.95)
@@ -68,8 +76,13 @@ def main() -> None:
     fmt = get_format(cfg.data.format, cfg.data.num_classes, cfg.data.class_names, root=root)
     transform = eval_transform(cfg.data.eval_mode, cfg.data.eval_size or cfg.data.crop_size)
     labeled = read_split(resolve_list(cfg.data.labeled, root), root, require_mask=True)
-    unlabeled = read_split(resolve_list(cfg.data.unlabeled, root), root, require_mask=True)[: args.images]
-    prototypes = class_prototypes(features_of(model, SegmentationDataset(labeled, fmt, transform, with_mask=True)), fmt.num_classes)
+    unlabeled = read_split(resolve_list(cfg.data.unlabeled, root), root, require_mask=True)[
+        : args.images
+    ]
+    prototypes = class_prototypes(
+        features_of(model, SegmentationDataset(labeled, fmt, transform, with_mask=True)),
+        fmt.num_classes,
+    )
     scored = features_of(model, SegmentationDataset(unlabeled, fmt, transform, with_mask=True))
 
     picked = []
@@ -79,11 +92,18 @@ def main() -> None:
         picked.append((feats, pred, keep, (pred == mask) & keep, ~(pred == mask) & keep))
     right = sum(int(p[3].sum()) for p in picked)
     wrong = sum(int(p[4].sum()) for p in picked)
-    print(f"{args.checkpoint}: {len(labeled)} labeled images for the prototypes, {len(scored)} unlabeled images scored")
-    print(f"confident pixels (>= {args.threshold}): {right + wrong}, of which wrong: {wrong} ({wrong / max(right + wrong, 1):.1%})\n")
+    print(
+        f"{args.checkpoint}: {len(labeled)} labeled images for the prototypes, {len(scored)} unlabeled images scored"
+    )
+    print(
+        f"confident pixels (>= {args.threshold}): {right + wrong}, of which wrong: {wrong} ({wrong / max(right + wrong, 1):.1%})\n"
+    )
     print("| similarity | mean W, right PL | mean W, wrong PL | W = 0, right | W = 0, wrong |")
     print("|---|---:|---:|---:|---:|")
-    measures = [(f"rank, k = {k}", lambda f, k=k: rank_overlap(f[None], prototypes, k)[0].float() / k) for k in args.k]
+    measures = [
+        (f"rank, k = {k}", lambda f, k=k: rank_overlap(f[None], prototypes, k)[0].float() / k)
+        for k in args.k
+    ]
     measures.append(("cosine", lambda f: cosine_table(f[None], prototypes)[0]))
     for name, table in measures:
         w_right, w_wrong = [], []
@@ -92,7 +112,9 @@ def main() -> None:
             w_right.append(w[is_right])
             w_wrong.append(w[is_wrong])
         a, b = torch.cat(w_right), torch.cat(w_wrong)
-        print(f"| {name} | {a.mean():.3f} | {b.mean():.3f} | {(a == 0).float().mean():.3f} | {(b == 0).float().mean():.3f} |")
+        print(
+            f"| {name} | {a.mean():.3f} | {b.mean():.3f} | {(a == 0).float().mean():.3f} | {(b == 0).float().mean():.3f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -25,7 +25,9 @@ from semiseg.metrics_log import read_metrics
 
 def part_means(records: list[dict], key: str, parts: int) -> tuple[float, float] | None:
     """Mean of `key` over the first and over the last of `parts` equal runs of logged steps."""
-    values = [r[key] for r in records if r["split"] == "train" and key in r and math.isfinite(r[key])]
+    values = [
+        r[key] for r in records if r["split"] == "train" and key in r and math.isfinite(r[key])
+    ]
     if not values:
         return None
     size = max(1, len(values) // parts)
@@ -34,13 +36,21 @@ def part_means(records: list[dict], key: str, parts: int) -> tuple[float, float]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("root", type=Path, help="bench output folder (METHOD/seedN/metrics.jsonl below it)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "root", type=Path, help="bench output folder (METHOD/seedN/metrics.jsonl below it)"
+    )
     parser.add_argument("--methods", nargs="+", required=True)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--keys", nargs="+", help="metric names as logged")
-    parser.add_argument("--final", nargs="+", help="final evaluation scores (final.json), mean over seeds")
-    parser.add_argument("--parts", type=int, default=2, help="compare the first and last 1/parts of training")
+    parser.add_argument(
+        "--final", nargs="+", help="final evaluation scores (final.json), mean over seeds"
+    )
+    parser.add_argument(
+        "--parts", type=int, default=2, help="compare the first and last 1/parts of training"
+    )
     parser.add_argument("--digits", type=int, default=3)
     args = parser.parse_args()
     if bool(args.keys) == bool(args.final):
@@ -60,7 +70,11 @@ def main() -> None:
             cells = []
             for key in args.keys:
                 means = part_means(records, key, args.parts)
-                cells.append("-" if means is None else f"{means[0]:.{args.digits}f} / {means[1]:.{args.digits}f}")
+                cells.append(
+                    "-"
+                    if means is None
+                    else f"{means[0]:.{args.digits}f} / {means[1]:.{args.digits}f}"
+                )
             print(f"| {method} | {seed} | " + " | ".join(cells) + " |")
 
 

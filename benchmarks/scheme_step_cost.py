@@ -32,8 +32,14 @@ bicyclist): the detector classes of the rank-weighting presets."""
 
 COMPARISONS: dict[str, dict[str, dict]] = {
     "rankweight": {
-        "unimatch (threshold 0.95)": {"scheme": {"name": "unimatch"}, "policy": {"name": "threshold"}},
-        "unimatch + PPW": {"scheme": {"name": "unimatch"}, "policy": {"name": "rankweight", "rppi": False}},
+        "unimatch (threshold 0.95)": {
+            "scheme": {"name": "unimatch"},
+            "policy": {"name": "threshold"},
+        },
+        "unimatch + PPW": {
+            "scheme": {"name": "unimatch"},
+            "policy": {"name": "rankweight", "rppi": False},
+        },
         "unimatch + RPPI + PPW": {
             "scheme": {"name": "unimatch"},
             "policy": {"name": "rankweight", "rppi": True},
@@ -73,9 +79,13 @@ class Runner:
             )
             model.load_state_dict(weights, strict=False)
             models[name] = model
-        policy = build_policy_from_config(cfg, NUM_CLASSES, DistContext(0, 1, 0, torch.device("cpu")))
+        policy = build_policy_from_config(
+            cfg, NUM_CLASSES, DistContext(0, 1, 0, torch.device("cpu"))
+        )
         self.scheme = scheme_cls(cfg, models, NUM_CLASSES, policy)
-        self.optimizer = torch.optim.SGD(self.scheme.parameter_groups(1e-4, 10.0), lr=1e-4, momentum=0.9)
+        self.optimizer = torch.optim.SGD(
+            self.scheme.parameter_groups(1e-4, 10.0), lr=1e-4, momentum=0.9
+        )
         self.scheme.train()
         self.iteration = 0
 
@@ -91,10 +101,14 @@ class Runner:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("comparison", choices=sorted(COMPARISONS))
     parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per configuration first")
+    parser.add_argument(
+        "--warmup", type=int, default=2, help="untimed steps per configuration first"
+    )
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--crop", type=int, default=160)
     parser.add_argument("--threads", type=int, default=2)
@@ -102,11 +116,17 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
-    labeled, unlabeled, mix = make_batches(args.batch, args.crop, NUM_CLASSES, generator, len(THINGS))
+    labeled, unlabeled, mix = make_batches(
+        args.batch, args.crop, NUM_CLASSES, generator, len(THINGS)
+    )
     # ImageNet weights so predictions, confidences and thus the policies' selections are
     # those of a real network rather than of a random one.
-    weights = build_model("deeplabv3plus", "efficientnet_lite0", NUM_CLASSES, pretrained="imagenet").state_dict()
-    runners = {label: Runner(sections, weights) for label, sections in COMPARISONS[args.comparison].items()}
+    weights = build_model(
+        "deeplabv3plus", "efficientnet_lite0", NUM_CLASSES, pretrained="imagenet"
+    ).state_dict()
+    runners = {
+        label: Runner(sections, weights) for label, sections in COMPARISONS[args.comparison].items()
+    }
     for runner in runners.values():
         for _ in range(args.warmup):
             runner.step(labeled, unlabeled, mix)

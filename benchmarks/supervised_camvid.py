@@ -28,7 +28,10 @@ PRESET = REPO / "configs" / "supervised_deeplabv3plus-effl0_camvid-1_8_cpu.yaml"
 def run_seed(seed: int, args: argparse.Namespace) -> dict:
     out = Path(args.runs) / f"seed{seed}"
     overrides = [f"train.seed={seed}", f"output_dir={out}", f"data.root={args.camvid}"]
-    overrides += [f"data.{name}={REPO / 'splits/camvid/1_8' / f'{name}.txt'}" for name in ("labeled", "unlabeled", "val")]
+    overrides += [
+        f"data.{name}={REPO / 'splits/camvid/1_8' / f'{name}.txt'}"
+        for name in ("labeled", "unlabeled", "val")
+    ]
     overrides += args.overrides
     cfg = load_config(PRESET, overrides)
     start = time.perf_counter()
@@ -50,7 +53,9 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--camvid", default=str(REPO.parent / "shared" / "data" / "camvid"))
     parser.add_argument("--runs", default=str(REPO / "runs" / "bench_supervised_camvid"))
@@ -61,7 +66,9 @@ def main() -> int:
         print(f"CamVid not found at {args.camvid}; pass --camvid", file=sys.stderr)
         return 2
     rows = [run_seed(seed, args) for seed in args.seeds]
-    print("\n| seed | iterations | val mIoU (%) | best mIoU (%) | tail mIoU (%) | s/iter | wall (min) |")
+    print(
+        "\n| seed | iterations | val mIoU (%) | best mIoU (%) | tail mIoU (%) | s/iter | wall (min) |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
@@ -70,7 +77,9 @@ def main() -> int:
         )
     if len(rows) > 1:
         mious = [100 * r["final_miou"] for r in rows]
-        print(f"\nval mIoU over {len(rows)} seeds: {statistics.mean(mious):.2f} +- {statistics.stdev(mious):.2f}")
+        print(
+            f"\nval mIoU over {len(rows)} seeds: {statistics.mean(mious):.2f} +- {statistics.stdev(mious):.2f}"
+        )
     print(json.dumps(rows), file=sys.stderr)
     return 0
 

@@ -24,7 +24,9 @@ def make_batches(
             "valid": torch.ones(batch, crop, crop, dtype=torch.bool),
         }
         if detection_bits:
-            out["detections"] = torch.full((batch, crop, crop), 2**detection_bits - 1, dtype=torch.int64)
+            out["detections"] = torch.full(
+                (batch, crop, crop), 2**detection_bits - 1, dtype=torch.int64
+            )
         return out
 
     labeled = {

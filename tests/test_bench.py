@@ -14,7 +14,9 @@ from semiseg.config import ConfigError
 
 
 def test_summary_means_spread_and_gain():
-    grid = BenchGrid(name="g", base="b.yaml", output_dir="o", methods={"supervised": [], "x": []}, seeds=[0, 1])
+    grid = BenchGrid(
+        name="g", base="b.yaml", output_dir="o", methods={"supervised": [], "x": []}, seeds=[0, 1]
+    )
     results = [
         RunResult("supervised", 0, 0.40, 0.10, 1.0, 5),
         RunResult("supervised", 1, 0.42, 0.12, 1.2, 5),
@@ -31,17 +33,33 @@ def test_summary_means_spread_and_gain():
 
 def test_bad_grids_are_refused(tmp_path):
     path = tmp_path / "grid.yaml"
-    path.write_text(yaml.safe_dump({"name": "g", "base": "b", "output_dir": "o", "methods": {"a": []}, "baseline": "zzz"}))
+    path.write_text(
+        yaml.safe_dump(
+            {"name": "g", "base": "b", "output_dir": "o", "methods": {"a": []}, "baseline": "zzz"}
+        )
+    )
     with pytest.raises(ConfigError, match="baseline 'zzz'"):
         load_grid(path)
-    path.write_text(yaml.safe_dump({"name": "g", "base": "b", "output_dir": "o", "methods": {"a": []}, "sedes": [0]}))
+    path.write_text(
+        yaml.safe_dump(
+            {"name": "g", "base": "b", "output_dir": "o", "methods": {"a": []}, "sedes": [0]}
+        )
+    )
     with pytest.raises(ConfigError, match="unknown key 'sedes'"):
         load_grid(path)
 
 
 def test_bench_runs_the_grid_then_reuses_finished_runs(synthetic_root, tmp_path, capsys):
     base = tmp_path / "base.yaml"
-    base.write_text(yaml.safe_dump(tiny_config(synthetic_root, tmp_path / "unused", train={"iterations": 2, "eval_every": 2, "log_every": 1})))
+    base.write_text(
+        yaml.safe_dump(
+            tiny_config(
+                synthetic_root,
+                tmp_path / "unused",
+                train={"iterations": 2, "eval_every": 2, "log_every": 1},
+            )
+        )
+    )
     out = tmp_path / "bench"
     grid = tmp_path / "grid.yaml"
     grid.write_text(
@@ -53,7 +71,12 @@ def test_bench_runs_the_grid_then_reuses_finished_runs(synthetic_root, tmp_path,
                 "seeds": [0, 1],
                 "methods": {
                     "supervised": [],
-                    "fixmatch": ["scheme.name=fixmatch", "policy.name=threshold", "policy.threshold=0.0", "scheme.oracle_eval=true"],
+                    "fixmatch": [
+                        "scheme.name=fixmatch",
+                        "policy.name=threshold",
+                        "policy.threshold=0.0",
+                        "scheme.oracle_eval=true",
+                    ],
                 },
             },
             sort_keys=False,
@@ -72,19 +95,50 @@ def test_bench_runs_the_grid_then_reuses_finished_runs(synthetic_root, tmp_path,
 
     assert main(["plot", str(out / "fixmatch" / "seed0")]) == 0
     assert (out / "fixmatch" / "seed0" / "plots" / "pseudo_labels.png").is_file()
-    assert main(["plot", str(out / "fixmatch" / "seed0"), "--compare", str(out / "fixmatch" / "seed1")]) == 0
+    assert (
+        main(
+            ["plot", str(out / "fixmatch" / "seed0"), "--compare", str(out / "fixmatch" / "seed1")]
+        )
+        == 0
+    )
     assert (out / "fixmatch" / "seed0" / "plots" / "pseudo_label_accuracy.png").is_file()
-    assert main(["plot", str(out / "fixmatch" / "seed0"), "--compare", str(out / "supervised" / "seed0")]) == 2
+    assert (
+        main(
+            [
+                "plot",
+                str(out / "fixmatch" / "seed0"),
+                "--compare",
+                str(out / "supervised" / "seed0"),
+            ]
+        )
+        == 2
+    )
     assert "no oracle/acc_weighted" in capsys.readouterr().err
 
 
 def test_seed_placeholder_and_run_selection(synthetic_root, tmp_path, capsys):
     base = tmp_path / "base.yaml"
-    base.write_text(yaml.safe_dump(tiny_config(synthetic_root, tmp_path / "unused", train={"iterations": 2, "eval_every": 2})))
-    warm = BenchGrid(name="w", base=str(base), output_dir="o", methods={"m": []}, seeds=[3], overrides=["model.init_from=x/seed{seed}.pt"])
+    base.write_text(
+        yaml.safe_dump(
+            tiny_config(
+                synthetic_root, tmp_path / "unused", train={"iterations": 2, "eval_every": 2}
+            )
+        )
+    )
+    warm = BenchGrid(
+        name="w",
+        base=str(base),
+        output_dir="o",
+        methods={"m": []},
+        seeds=[3],
+        overrides=["model.init_from=x/seed{seed}.pt"],
+    )
     assert run_config(warm, "m", 3).model.init_from == "x/seed3.pt"
     pair = BenchGrid(
-        name="p", base=str(base), output_dir="o", methods={"m": ["model.init_from=[x/s{seed}.pt,x/s{next_seed}.pt]"]},
+        name="p",
+        base=str(base),
+        output_dir="o",
+        methods={"m": ["model.init_from=[x/s{seed}.pt,x/s{next_seed}.pt]"]},
         seeds=[0, 1, 2],
     )
     assert run_config(pair, "m", 1).model.init_from == ["x/s1.pt", "x/s2.pt"]
@@ -93,7 +147,17 @@ def test_seed_placeholder_and_run_selection(synthetic_root, tmp_path, capsys):
     out = tmp_path / "bench"
     grid = tmp_path / "grid.yaml"
     methods = {"supervised": [], "other": ["optim.lr=0.02"]}
-    grid.write_text(yaml.safe_dump({"name": "tiny", "base": str(base), "output_dir": str(out), "seeds": [0, 1], "methods": methods}))
+    grid.write_text(
+        yaml.safe_dump(
+            {
+                "name": "tiny",
+                "base": str(base),
+                "output_dir": str(out),
+                "seeds": [0, 1],
+                "methods": methods,
+            }
+        )
+    )
     assert main(["bench", str(grid), "--methods", "nope"]) == 2
     assert "unknown method(s) ['nope']" in capsys.readouterr().err
     assert main(["bench", str(grid), "--seeds", "7"]) == 2

@@ -19,7 +19,10 @@ def trained_run(synthetic_root, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cli") / "run"
     config = out.parent / "tiny.yaml"
     config.write_text(yaml.safe_dump(tiny_config(synthetic_root, out)))
-    assert main(["train", str(config), "train.iterations=6", "train.eval_every=6", "--no-progress"]) == 0
+    assert (
+        main(["train", str(config), "train.iterations=6", "train.eval_every=6", "--no-progress"])
+        == 0
+    )
     return out
 
 
@@ -36,7 +39,19 @@ def test_eval_prints_a_per_class_table(trained_run, capsys):
 
 def test_predict_writes_palette_masks_at_image_size(trained_run, synthetic_root, tmp_path):
     images = synthetic_root / "data" / "images" / "val"
-    assert main(["predict", str(trained_run / "best.pt"), str(images), str(tmp_path / "pred"), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(trained_run / "best.pt"),
+                str(images),
+                str(tmp_path / "pred"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     sources = sorted(images.iterdir())
     preds = sorted((tmp_path / "pred").glob("*.png"))
     assert [p.stem for p in preds] == [p.stem for p in sources]
@@ -48,7 +63,22 @@ def test_predict_writes_palette_masks_at_image_size(trained_run, synthetic_root,
 def test_split_is_reproducible_and_disjoint(synthetic_root, tmp_path):
     root = synthetic_root / "data"
     for name in ("a", "b"):
-        assert main(["split", "--root", str(root), "--fraction", "1/4", "--seed", "3", "--out", str(tmp_path / name)]) == 0
+        assert (
+            main(
+                [
+                    "split",
+                    "--root",
+                    str(root),
+                    "--fraction",
+                    "1/4",
+                    "--seed",
+                    "3",
+                    "--out",
+                    str(tmp_path / name),
+                ]
+            )
+            == 0
+        )
     a = (tmp_path / "a" / "labeled.txt").read_text()
     assert a == (tmp_path / "b" / "labeled.txt").read_text()
     labeled = read_split(tmp_path / "a" / "labeled.txt", root, require_mask=True)
@@ -60,10 +90,14 @@ def test_split_is_reproducible_and_disjoint(synthetic_root, tmp_path):
 
 def test_errors_are_reported_with_exit_code_2(synthetic_root, tmp_path, capsys):
     config = tmp_path / "bad.yaml"
-    config.write_text(yaml.safe_dump(tiny_config(synthetic_root, tmp_path / "run", optim={"learning_rate": 1})))
+    config.write_text(
+        yaml.safe_dump(tiny_config(synthetic_root, tmp_path / "run", optim={"learning_rate": 1}))
+    )
     assert main(["train", str(config)]) == 2
     assert "unknown key 'optim.learning_rate'" in capsys.readouterr().err
-    missing = tiny_config(synthetic_root, tmp_path / "run", data={"labeled": str(tmp_path / "nope.txt")})
+    missing = tiny_config(
+        synthetic_root, tmp_path / "run", data={"labeled": str(tmp_path / "nope.txt")}
+    )
     config.write_text(yaml.safe_dump(missing))
     assert main(["train", str(config)]) == 2
     assert "nope.txt" in capsys.readouterr().err

@@ -17,7 +17,9 @@ BASE = {"data": {"root": "data", "labeled": "labeled.txt"}}
 def test_overrides_win_over_file_and_are_typed(tmp_path: Path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({**BASE, "optim": {"lr": 0.5}}))
-    cfg = load_config(path, ["optim.lr=0.01", "data.scale_range=[0.5,1.5]", "model.pretrained=null"])
+    cfg = load_config(
+        path, ["optim.lr=0.01", "data.scale_range=[0.5,1.5]", "model.pretrained=null"]
+    )
     assert cfg.optim.lr == 0.01
     assert cfg.data.scale_range == (0.5, 1.5)
     assert cfg.model.pretrained is None
@@ -34,11 +36,17 @@ def test_int_is_accepted_for_float_but_not_the_reverse():
     [
         ({**BASE, "optim": {"learning_rate": 0.1}}, "unknown key 'optim.learning_rate'"),
         ({**BASE, "bogus": 1}, "unknown key 'bogus'"),
-        ({**BASE, "data": {**BASE["data"], "crop_size": "big"}}, "data.crop_size: expected an integer"),
+        (
+            {**BASE, "data": {**BASE["data"], "crop_size": "big"}},
+            "data.crop_size: expected an integer",
+        ),
         ({**BASE, "train": {"amp": "fp8"}}, "train.amp: expected one of"),
         ({**BASE, "data": {**BASE["data"], "hflip": "yes"}}, "data.hflip: expected true or false"),
         ({**BASE, "data": {**BASE["data"], "scale_range": [2.0, 1.0]}}, "data.scale_range"),
-        ({**BASE, "data": {**BASE["data"], "scale_range": [1.0]}}, "data.scale_range: expected 2 values"),
+        (
+            {**BASE, "data": {**BASE["data"], "scale_range": [1.0]}},
+            "data.scale_range: expected 2 values",
+        ),
         ({**BASE, "model": "deeplab"}, "model: expected a mapping"),
         ({"data": {"labeled": "x"}}, "data.root is required"),
         ({**BASE, "train": {"iterations": 0}}, "train.iterations must be positive"),
@@ -84,13 +92,21 @@ def test_shipped_presets_are_valid():
 def test_quickstart_preset_file_matches_the_built_in_quickstart():
     from semiseg.quickstart import quickstart_config
 
-    preset = Path(__file__).resolve().parents[1] / "configs" / "supervised_deeplabv3plus-effl0_synthetic-1_8_quickstart.yaml"
+    preset = (
+        Path(__file__).resolve().parents[1]
+        / "configs"
+        / "supervised_deeplabv3plus-effl0_synthetic-1_8_quickstart.yaml"
+    )
     assert load_config(preset) == config_from_dict(quickstart_config(Path("semiseg-quickstart")))
 
 
 def test_base_file_is_merged_underneath(tmp_path: Path):
-    (tmp_path / "base.yaml").write_text(yaml.safe_dump({**BASE, "optim": {"lr": 0.5, "momentum": 0.8}}))
-    (tmp_path / "child.yaml").write_text(yaml.safe_dump({"base": "base.yaml", "optim": {"lr": 0.1}}))
+    (tmp_path / "base.yaml").write_text(
+        yaml.safe_dump({**BASE, "optim": {"lr": 0.5, "momentum": 0.8}})
+    )
+    (tmp_path / "child.yaml").write_text(
+        yaml.safe_dump({"base": "base.yaml", "optim": {"lr": 0.1}})
+    )
     cfg = load_config(tmp_path / "child.yaml")
     assert cfg.optim.lr == 0.1 and cfg.optim.momentum == 0.8 and cfg.data.root == "data"
     (tmp_path / "loop.yaml").write_text(yaml.safe_dump({"base": "loop.yaml"}))
@@ -116,7 +132,11 @@ def test_atomic_writes_get_ordinary_permissions(tmp_path: Path):
 
 
 def test_fpl_under_a_threshold_above_t_warns():
-    raw = {**BASE, "policy": {"name": "threshold", "threshold": 0.95}, "loss": {"name": "fpl", "T": 0.9}}
+    raw = {
+        **BASE,
+        "policy": {"name": "threshold", "threshold": 0.95},
+        "loss": {"name": "fpl", "T": 0.9},
+    }
     with pytest.warns(UserWarning, match="K = 1"):
         config_from_dict(raw)
     with pytest.raises(ConfigError, match="loss.T must be in"):

@@ -57,14 +57,18 @@ def test_dars_hits_targets_exactly_under_ties_where_da_overfills():
     assert counts(dars, 3) == [20, 12, 8]
     # Sampling only removes pixels DA kept, and class 1 keeps exactly its 12 most confident.
     assert torch.all((dars == 255) | (dars == da))
-    assert set(conf.view(-1)[(dars == 1).view(-1)].tolist()) == set(conf.view(-1)[150:190].topk(12).values.tolist())
+    assert set(conf.view(-1)[(dars == 1).view(-1)].tolist()) == set(
+        conf.view(-1)[150:190].topk(12).values.tolist()
+    )
     assert kl_divergence(ratio, torch.tensor(counts(dars, 3))) == pytest.approx(0.0, abs=1e-6)
     assert kl_divergence(ratio, torch.tensor(counts(da, 3))) > 0.1
 
 
 def test_dars_never_predicted_class_and_scarce_class():
     conf, pred = tied_set()
-    ratio = torch.tensor([0.2, 0.2, 0.3, 0.3])  # class 3 is never predicted; class 2 has 10 < 60 pixels
+    ratio = torch.tensor(
+        [0.2, 0.2, 0.3, 0.3]
+    )  # class 3 is never predicted; class 2 has 10 < 60 pixels
     labels = dars_labels(conf, pred, ratio, 1.0, torch.Generator().manual_seed(1))
     assert counts(labels, 4) == [40, 40, 10, 0]
 
@@ -133,7 +137,17 @@ def image_set(tmp_path):
 def run_generator(samples, out, spec, seed=0, labeled=None):
     fmt = get_format("folder", 3)
     labeled = torch.tensor([500, 300, 200]) if labeled is None else labeled
-    return generate(FixedTeacher(3), samples, fmt, 3, out, spec, labeled_counts=labeled, seed=seed, progress=False)
+    return generate(
+        FixedTeacher(3),
+        samples,
+        fmt,
+        3,
+        out,
+        spec,
+        labeled_counts=labeled,
+        seed=seed,
+        progress=False,
+    )
 
 
 def read_labels(out) -> list[np.ndarray]:
@@ -142,7 +156,9 @@ def read_labels(out) -> list[np.ndarray]:
 
 def test_streaming_dars_gives_exact_targets_and_matches_in_memory_counts(image_set, tmp_path):
     stats = run_generator(image_set, tmp_path / "dars", GeneratorSpec("dars", alpha=0.3))
-    assert stats["final"] == [min(t, p) for t, p in zip(stats["targets"], stats["predicted"], strict=True)]
+    assert stats["final"] == [
+        min(t, p) for t, p in zip(stats["targets"], stats["predicted"], strict=True)
+    ]
     assert stats["kl_final"] < 1e-3
     labels = read_labels(tmp_path / "dars")
     assert len(labels) == 6 and {v for a in labels for v in np.unique(a)} <= {0, 1, 2, 255}
@@ -150,7 +166,9 @@ def test_streaming_dars_gives_exact_targets_and_matches_in_memory_counts(image_s
     caches = [np.load(p) for p in sorted((tmp_path / "dars" / "cache").glob("*.npz"))]
     conf = torch.from_numpy(np.stack([c["conf"] for c in caches])).float()
     pred = torch.from_numpy(np.stack([c["pred"] for c in caches])).long()
-    reference = dars_labels(conf, pred, torch.tensor(stats["labeled_ratio"]), 0.3, torch.Generator().manual_seed(0))
+    reference = dars_labels(
+        conf, pred, torch.tensor(stats["labeled_ratio"]), 0.3, torch.Generator().manual_seed(0)
+    )
     assert counts(reference, 3) == stats["final"]
     assert (tmp_path / "dars" / "list.txt").read_text().count("\n") == 6
 
@@ -163,7 +181,9 @@ def test_streaming_da_overfills_and_st_cbst_follow_their_definitions(image_set, 
     caches = [np.load(p) for p in sorted((tmp_path / "st" / "cache").glob("*.npz"))]
     conf = torch.from_numpy(np.stack([c["conf"] for c in caches])).float()
     pred = torch.from_numpy(np.stack([c["pred"] for c in caches])).long()
-    assert st["final"] == counts(st_labels(conf, pred, threshold=float(torch.tensor(0.99).half())), 3)
+    assert st["final"] == counts(
+        st_labels(conf, pred, threshold=float(torch.tensor(0.99).half())), 3
+    )
     cbst = run_generator(image_set, tmp_path / "cbst", GeneratorSpec("cbst", alpha=0.4))
     assert cbst["final"] == counts(cbst_labels(conf, pred, 3, 0.4), 3)
 
@@ -196,7 +216,9 @@ def test_generation_is_deterministic_and_resumes_after_a_kill(image_set, tmp_pat
     assert json.loads((tmp_path / "a" / "stats.json").read_text())["final"] == stats["final"]
     other = run_generator(image_set, tmp_path / "c", spec, seed=6)
     assert other["final"] == stats["final"]
-    assert not all(np.array_equal(x, y) for x, y in zip(a, read_labels(tmp_path / "c"), strict=True))
+    assert not all(
+        np.array_equal(x, y) for x, y in zip(a, read_labels(tmp_path / "c"), strict=True)
+    )
 
 
 def test_labeled_class_counts_skip_ignore(tmp_path):
@@ -217,13 +239,26 @@ def self_training_config(synthetic_root, out, **train):
             synthetic_root,
             out,
             scheme={"name": "self_training"},
-            selftrain={"method": "dars", "alpha": [0.2, 0.5], "beta_min": [0.0, 0.2], "beta_max": [0.0, 0.5]},
-            train={"iterations": 2, "eval_every": 2, "log_every": 1, "checkpoint_every": 1, **train},
+            selftrain={
+                "method": "dars",
+                "alpha": [0.2, 0.5],
+                "beta_min": [0.0, 0.2],
+                "beta_max": [0.0, 0.5],
+            },
+            train={
+                "iterations": 2,
+                "eval_every": 2,
+                "log_every": 1,
+                "checkpoint_every": 1,
+                **train,
+            },
         )
     )
 
 
-def test_self_training_runs_every_round_and_resumes_after_a_kill(synthetic_root, tmp_path, monkeypatch):
+def test_self_training_runs_every_round_and_resumes_after_a_kill(
+    synthetic_root, tmp_path, monkeypatch
+):
     from semiseg.checkpoint import load_checkpoint
     from semiseg.engine import Trainer, train
 
@@ -232,11 +267,13 @@ def test_self_training_runs_every_round_and_resumes_after_a_kill(synthetic_root,
     assert reference["rounds"][2]["scale_range"] == pytest.approx([0.75 * 0.8, 1.25 * 1.5])
     for k in (1, 2):
         stats = json.loads((tmp_path / "ref" / f"round{k}" / "pseudo" / "stats.json").read_text())
-        assert stats["final"] == [min(t, p) for t, p in zip(stats["targets"], stats["predicted"], strict=True)]
+        assert stats["final"] == [
+            min(t, p) for t, p in zip(stats["targets"], stats["predicted"], strict=True)
+        ]
         assert stats["generator"]["alpha"] == [0.2, 0.5][k - 1]
-    assert load_checkpoint(tmp_path / "ref" / "round2" / "latest.pt")["config"]["model"]["init_from"].endswith(
-        "round1/latest.pt"
-    )
+    assert load_checkpoint(tmp_path / "ref" / "round2" / "latest.pt")["config"]["model"][
+        "init_from"
+    ].endswith("round1/latest.pt")
 
     # Die at the second step of round 2 (steps: round 0: 2, round 1: 2, round 2: 1 done).
     calls = []
@@ -254,7 +291,9 @@ def test_self_training_runs_every_round_and_resumes_after_a_kill(synthetic_root,
     monkeypatch.setattr(Trainer, "_set_lr", original)
     assert not (tmp_path / "killed" / "final.json").exists()
     resumed = train(self_training_config(synthetic_root, tmp_path / "killed"), progress=False)
-    assert [r["kl_final"] for r in resumed["rounds"][1:]] == [r["kl_final"] for r in reference["rounds"][1:]]
+    assert [r["kl_final"] for r in resumed["rounds"][1:]] == [
+        r["kl_final"] for r in reference["rounds"][1:]
+    ]
     a = load_checkpoint(tmp_path / "ref" / "round2" / "latest.pt")["models"]["student"]
     b = load_checkpoint(tmp_path / "killed" / "round2" / "latest.pt")["models"]["student"]
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -267,18 +306,50 @@ def test_pseudo_label_cli_prints_the_class_table(synthetic_root, tmp_path, capsy
     from semiseg.config import config_from_dict
     from semiseg.engine import train
 
-    train(config_from_dict(tiny_config(synthetic_root, tmp_path / "teacher", train={"iterations": 2, "eval_every": 2})), progress=False)
+    train(
+        config_from_dict(
+            tiny_config(
+                synthetic_root, tmp_path / "teacher", train={"iterations": 2, "eval_every": 2}
+            )
+        ),
+        progress=False,
+    )
     out = tmp_path / "pl"
-    assert main(["pseudo-label", str(tmp_path / "teacher" / "latest.pt"), str(out), "--alpha", "0.3", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "pseudo-label",
+                str(tmp_path / "teacher" / "latest.pt"),
+                str(out),
+                "--alpha",
+                "0.3",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "KL(labeled || pseudo)" in printed and "list.txt" in printed
     assert (out / "stats.json").is_file() and len(list((out / "labels").glob("*.png"))) == 16
-    assert main(["pseudo-label", str(tmp_path / "teacher" / "latest.pt"), str(tmp_path / "x"), "--alpha", "2"]) == 2
+    assert (
+        main(
+            [
+                "pseudo-label",
+                str(tmp_path / "teacher" / "latest.pt"),
+                str(tmp_path / "x"),
+                "--alpha",
+                "2",
+            ]
+        )
+        == 2
+    )
     assert "alpha must be in [0, 1]" in capsys.readouterr().err
 
 
 def test_official_variant_cbst_keeps_one_more_and_dars_samples_per_image(image_set, tmp_path):
-    official = run_generator(image_set, tmp_path / "cbst_off", GeneratorSpec("cbst", alpha=0.4, variant="official"))
+    official = run_generator(
+        image_set, tmp_path / "cbst_off", GeneratorSpec("cbst", alpha=0.4, variant="official")
+    )
     caches = [np.load(p) for p in sorted((tmp_path / "cbst_off" / "cache").glob("*.npz"))]
     conf = torch.from_numpy(np.stack([c["conf"] for c in caches])).float()
     pred = torch.from_numpy(np.stack([c["pred"] for c in caches])).long()
@@ -287,7 +358,11 @@ def test_official_variant_cbst_keeps_one_more_and_dars_samples_per_image(image_s
         # The int(alpha * len_j) + 1-th largest confidence (0-based index int(alpha * len_j)).
         t = values[min(int(0.4 * values.numel()), values.numel() - 1)]
         assert official["thresholded"][j] == int((values >= t).sum())
-    dars = run_generator(image_set, tmp_path / "dars_off", GeneratorSpec("dars", alpha=0.3, variant="official"))
-    for final, target, kept in zip(dars["final"], dars["targets"], dars["thresholded"], strict=True):
+    dars = run_generator(
+        image_set, tmp_path / "dars_off", GeneratorSpec("dars", alpha=0.3, variant="official")
+    )
+    for final, target, kept in zip(
+        dars["final"], dars["targets"], dars["thresholded"], strict=True
+    ):
         # Per-image sampling: the total can exceed n_j by up to one pixel per image.
         assert min(target, kept) <= final <= min(target, kept) + len(image_set)

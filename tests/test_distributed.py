@@ -27,12 +27,28 @@ def test_two_process_gloo_run_trains_and_checkpoints(synthetic_root, tmp_path):
     out = tmp_path / "ddp"
     config = tmp_path / "ddp.yaml"
     config.write_text(
-        yaml.safe_dump(tiny_config(synthetic_root, out, train={"iterations": 8, "eval_every": 4, "log_every": 2, "threads": 1}))
+        yaml.safe_dump(
+            tiny_config(
+                synthetic_root,
+                out,
+                train={"iterations": 8, "eval_every": 4, "log_every": 2, "threads": 1},
+            )
+        )
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-        "-m", "semiseg.cli", "train", str(config), "--no-progress",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "semiseg.cli",
+        "train",
+        str(config),
+        "--no-progress",
     ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -50,8 +66,18 @@ def test_two_process_gloo_run_trains_and_checkpoints(synthetic_root, tmp_path):
 
 def _torchrun(args: list[str]) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port())]
-    done = subprocess.run([*cmd, "-m", "semiseg.cli", *args], env=env, capture_output=True, text=True, timeout=300)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+    ]
+    done = subprocess.run(
+        [*cmd, "-m", "semiseg.cli", *args], env=env, capture_output=True, text=True, timeout=300
+    )
     errors = [line for line in done.stderr.splitlines() if "error:" in line or "Error" in line]
     assert done.returncode == 0, "\n".join(errors[:10])
 
@@ -79,7 +105,10 @@ def test_two_process_self_training_and_pseudo_labels_match_one_process(synthetic
 
     teacher = str(out / "round0" / "latest.pt")
     _torchrun(["pseudo-label", teacher, str(tmp_path / "two"), "--alpha", "0.3", "--no-progress"])
-    assert main(["pseudo-label", teacher, str(tmp_path / "one"), "--alpha", "0.3", "--no-progress"]) == 0
+    assert (
+        main(["pseudo-label", teacher, str(tmp_path / "one"), "--alpha", "0.3", "--no-progress"])
+        == 0
+    )
     two = sorted((tmp_path / "two" / "labels").glob("*.png"))
     one = sorted((tmp_path / "one" / "labels").glob("*.png"))
     assert [p.name for p in one] == [p.name for p in two]
@@ -94,12 +123,17 @@ def _push_from_rank(rank: int, world: int, init_file: str, out: str) -> None:
     from semiseg.pseudo.memory import FeatureBank
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    bank = FeatureBank(num_classes=2, dim=1, size=8, per_update=2, gather=all_gather_pairs, seed=rank)
+    bank = FeatureBank(
+        num_classes=2, dim=1, size=8, per_update=2, gather=all_gather_pairs, seed=rank
+    )
     # Rank r offers 5 features of value 10 r + i of class 0 and one of class 1 (only rank 1).
     features = (10.0 * rank + torch.arange(5.0)).unsqueeze(1)
     labels = torch.zeros(5, dtype=torch.long)
     if rank == 1:
-        features, labels = torch.cat([features, torch.tensor([[99.0]])]), torch.cat([labels, torch.tensor([1])])
+        features, labels = (
+            torch.cat([features, torch.tensor([[99.0]])]),
+            torch.cat([labels, torch.tensor([1])]),
+        )
     bank.push(features, labels)
     torch.save(bank.state_dict(), f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
@@ -116,5 +150,7 @@ def test_feature_bank_under_ddp_holds_every_ranks_features_on_every_rank(tmp_pat
     assert a["counts"].tolist() == [4, 1]  # 2 random features per class and rank
     stored = a["queues"][0, :4, 0]
     # Newest first: rank 1's two come before rank 0's, and each rank's are its own values.
-    assert all(10 <= v < 15 for v in stored[:2].tolist()) and all(0 <= v < 5 for v in stored[2:].tolist())
+    assert all(10 <= v < 15 for v in stored[:2].tolist()) and all(
+        0 <= v < 5 for v in stored[2:].tolist()
+    )
     assert a["queues"][1, 0, 0].item() == 99.0

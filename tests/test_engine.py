@@ -24,7 +24,9 @@ def test_poly_schedule():
 def test_training_loss_falls_and_writes_the_run_folder(synthetic_root, tmp_path):
     out = tmp_path / "run"
     cfg = config_from_dict(
-        tiny_config(synthetic_root, out, train={"iterations": 60, "eval_every": 30, "log_every": 10})
+        tiny_config(
+            synthetic_root, out, train={"iterations": 60, "eval_every": 30, "log_every": 10}
+        )
     )
     result = train(cfg, progress=False)
     losses = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train"]
@@ -45,7 +47,9 @@ def _state(run: Path) -> dict:
 
 
 def test_killed_run_resumes_to_the_same_state(synthetic_root, tmp_path, monkeypatch):
-    overrides = {"train": {"iterations": 12, "eval_every": 6, "checkpoint_every": 4, "log_every": 2}}
+    overrides = {
+        "train": {"iterations": 12, "eval_every": 6, "checkpoint_every": 4, "log_every": 2}
+    }
     reference = tmp_path / "reference"
     train(config_from_dict(tiny_config(synthetic_root, reference, **overrides)), progress=False)
 
@@ -65,14 +69,25 @@ def test_killed_run_resumes_to_the_same_state(synthetic_root, tmp_path, monkeypa
     assert all(torch.equal(x, y) for x, y in zip(momentum_a, momentum_b, strict=True))
     assert a["best"] == b["best"]
     # The log of the resumed run reads as one run: no duplicated iterations.
-    iterations = [r["iteration"] for r in read_metrics(killed / "metrics.jsonl") if r["split"] == "train"]
+    iterations = [
+        r["iteration"] for r in read_metrics(killed / "metrics.jsonl") if r["split"] == "train"
+    ]
     assert iterations == [2, 4, 6, 8, 10, 12]
 
 
 def test_resume_refuses_a_different_config(synthetic_root, tmp_path):
     out = tmp_path / "run"
-    train(config_from_dict(tiny_config(synthetic_root, out, train={"iterations": 4, "eval_every": 4})), progress=False)
-    changed = config_from_dict(tiny_config(synthetic_root, out, train={"iterations": 4, "eval_every": 4}, optim={"lr": 0.5}))
+    train(
+        config_from_dict(
+            tiny_config(synthetic_root, out, train={"iterations": 4, "eval_every": 4})
+        ),
+        progress=False,
+    )
+    changed = config_from_dict(
+        tiny_config(
+            synthetic_root, out, train={"iterations": 4, "eval_every": 4}, optim={"lr": 0.5}
+        )
+    )
     with pytest.raises(RuntimeError, match="optim.lr"):
         Trainer(changed, progress=False)
     Trainer(changed, restart=True, progress=False)
@@ -108,7 +123,9 @@ def test_bad_mask_fails_before_training(synthetic_root, tmp_path):
     broken = tmp_path / "broken_mask.png"
     Image.fromarray(mask).save(broken)
     bad_list.write_text(f"{image_rel} {broken}\n")
-    cfg = config_from_dict(tiny_config(synthetic_root, tmp_path / "run", data={"labeled": str(bad_list)}))
+    cfg = config_from_dict(
+        tiny_config(synthetic_root, tmp_path / "run", data={"labeled": str(bad_list)})
+    )
     with pytest.raises(DataError, match="broken_mask.png"):
         Trainer(cfg, progress=False)
     assert not (tmp_path / "run" / "latest.pt").exists()
@@ -116,7 +133,11 @@ def test_bad_mask_fails_before_training(synthetic_root, tmp_path):
 
 def test_bf16_autocast_trains_on_cpu(synthetic_root, tmp_path):
     cfg = config_from_dict(
-        tiny_config(synthetic_root, tmp_path / "run", train={"iterations": 2, "eval_every": 2, "amp": "bf16"})
+        tiny_config(
+            synthetic_root,
+            tmp_path / "run",
+            train={"iterations": 2, "eval_every": 2, "amp": "bf16"},
+        )
     )
     result = train(cfg, progress=False)
     assert result["iteration"] == 2 and 0 <= result["best_miou"] <= 1
@@ -133,7 +154,15 @@ def test_sigkilled_cli_run_resumes_to_the_same_weights(synthetic_root, tmp_path)
 
     import yaml
 
-    overrides = {"train": {"iterations": 16, "eval_every": 8, "checkpoint_every": 4, "log_every": 4, "threads": 1}}
+    overrides = {
+        "train": {
+            "iterations": 16,
+            "eval_every": 8,
+            "checkpoint_every": 4,
+            "log_every": 4,
+            "threads": 1,
+        }
+    }
     reference = tmp_path / "reference"
     train(config_from_dict(tiny_config(synthetic_root, reference, **overrides)), progress=False)
 
@@ -162,7 +191,12 @@ def test_sigkilled_cli_run_resumes_to_the_same_weights(synthetic_root, tmp_path)
 
 def test_warm_start_loads_every_model_and_teacher(synthetic_root, tmp_path):
     source = tmp_path / "source"
-    train(config_from_dict(tiny_config(synthetic_root, source, train={"iterations": 4, "eval_every": 4})), progress=False)
+    train(
+        config_from_dict(
+            tiny_config(synthetic_root, source, train={"iterations": 4, "eval_every": 4})
+        ),
+        progress=False,
+    )
     weights = load_checkpoint(source / "latest.pt")["eval_model"]
 
     cfg = config_from_dict(
@@ -184,12 +218,16 @@ def test_warm_start_per_student(synthetic_root, tmp_path):
     sources = []
     for k, lr in enumerate([0.01, 0.05]):
         folder = tmp_path / f"source{k}"
-        cfg = tiny_config(synthetic_root, folder, train={"iterations": 2, "eval_every": 2}, optim={"lr": lr})
+        cfg = tiny_config(
+            synthetic_root, folder, train={"iterations": 2, "eval_every": 2}, optim={"lr": lr}
+        )
         train(config_from_dict(cfg), progress=False)
         sources.append(str(folder / "latest.pt"))
     cps = {"name": "cps"}
     trainer = Trainer(
-        config_from_dict(tiny_config(synthetic_root, tmp_path / "cps", model={"init_from": sources}, scheme=cps)),
+        config_from_dict(
+            tiny_config(synthetic_root, tmp_path / "cps", model={"init_from": sources}, scheme=cps)
+        ),
         progress=False,
     )
     for name, path in zip(["student", "student_b"], sources, strict=True):
@@ -197,18 +235,37 @@ def test_warm_start_per_student(synthetic_root, tmp_path):
         state = trainer.scheme.models[name].state_dict()
         assert all(torch.equal(state[k], v) for k, v in weights.items()), name
 
-    three = tiny_config(synthetic_root, tmp_path / "bad", model={"init_from": [*sources, sources[0]]}, scheme=cps)
-    with pytest.raises(ValueError, match=r"model.init_from: 3 checkpoints .* 2 network\(s\) \['student', 'student_b'\]"):
+    three = tiny_config(
+        synthetic_root, tmp_path / "bad", model={"init_from": [*sources, sources[0]]}, scheme=cps
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"model.init_from: 3 checkpoints .* 2 network\(s\) \['student', 'student_b'\]",
+    ):
         Trainer(config_from_dict(three), progress=False)
 
 
 def test_warm_start_errors_name_the_file(synthetic_root, tmp_path):
     missing = tmp_path / "nope.pt"
     with pytest.raises(FileNotFoundError, match="nope.pt"):
-        Trainer(config_from_dict(tiny_config(synthetic_root, tmp_path / "a", model={"init_from": str(missing)})), progress=False)
+        Trainer(
+            config_from_dict(
+                tiny_config(synthetic_root, tmp_path / "a", model={"init_from": str(missing)})
+            ),
+            progress=False,
+        )
 
     source = tmp_path / "source"
-    train(config_from_dict(tiny_config(synthetic_root, source, train={"iterations": 2, "eval_every": 2})), progress=False)
-    other = tiny_config(synthetic_root, tmp_path / "b", model={"name": "pspnet", "init_from": str(source / "latest.pt")})
+    train(
+        config_from_dict(
+            tiny_config(synthetic_root, source, train={"iterations": 2, "eval_every": 2})
+        ),
+        progress=False,
+    )
+    other = tiny_config(
+        synthetic_root,
+        tmp_path / "b",
+        model={"name": "pspnet", "init_from": str(source / "latest.pt")},
+    )
     with pytest.raises(ValueError, match="init_from: .*latest.pt does not fit"):
         Trainer(config_from_dict(other), progress=False)

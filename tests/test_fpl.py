@@ -35,7 +35,9 @@ def test_assignment_on_hand_made_distributions():
 
 
 def test_assignment_threshold_edges_and_official_comparison():
-    probs = pixels([0.5, 0.25, 0.125, 0.125])  # exact binary fractions: cumulative 0.5, 0.75, 0.875, 1.0
+    probs = pixels(
+        [0.5, 0.25, 0.125, 0.125]
+    )  # exact binary fractions: cumulative 0.5, 0.75, 0.875, 1.0
     assert sets(fuzzy_positive_mask(probs, 0.875)) == [[0, 1, 2]]  # 0.875 is not > 0.875: n = 4
     assert sets(fuzzy_positive_mask(probs, 0.875, variant="official")) == [[0, 1]]  # >=: n = 3
     assert sets(fuzzy_positive_mask(probs, 1.0)) == [[0, 1, 2]]  # never exceeded: n = C, K = C - 1
@@ -79,7 +81,9 @@ def test_loss_with_one_class_sets_equals_cross_entropy():
     one_hot = F.one_hot(target, 6).permute(0, 3, 1, 2).bool()
     expected = F.cross_entropy(logits, target, reduction="none")
     torch.testing.assert_close(fuzzy_positive_loss(logits, one_hot), expected)
-    torch.testing.assert_close(fuzzy_positive_loss(logits, one_hot, reduction="mean"), expected.mean())
+    torch.testing.assert_close(
+        fuzzy_positive_loss(logits, one_hot, reduction="mean"), expected.mean()
+    )
 
 
 def test_loss_on_a_hand_computed_pixel():
@@ -123,9 +127,15 @@ def test_loss_has_no_nan_or_inf_for_logits_of_magnitude_100():
 def test_adaptive_weights_match_eq_11_and_16():
     probs = pixels([0.5, 0.3, 0.15, 0.05])
     mask = fuzzy_positive_mask(probs, 0.9)  # {0, 1}: mean 0.4, best outsider 0.15
-    assert adaptive_weight(probs, mask).item() == pytest.approx(math.log(13.5) / math.log(21), rel=1e-5)
-    assert adaptive_weight(probs, mask, shape="linear").item() == pytest.approx(0.25 / 0.4, rel=1e-5)
-    assert adaptive_weight(probs, mask, shape="convex").item() == pytest.approx(0.25 / 1.0, rel=1e-5)
+    assert adaptive_weight(probs, mask).item() == pytest.approx(
+        math.log(13.5) / math.log(21), rel=1e-5
+    )
+    assert adaptive_weight(probs, mask, shape="linear").item() == pytest.approx(
+        0.25 / 0.4, rel=1e-5
+    )
+    assert adaptive_weight(probs, mask, shape="convex").item() == pytest.approx(
+        0.25 / 1.0, rel=1e-5
+    )
     # Official: the mean over the top-(K+1) = 0.95 / 3, convex without the factor 4.
     m = 0.95 / 3
     official = adaptive_weight(probs, mask, variant="official").item()
@@ -171,4 +181,6 @@ def test_positive_gradient_score_matches_autograd_and_the_three_cases():
     g = logits.grad
     expected = g.gather(1, target[:, None]).squeeze(1) / (g * mask).sum(dim=1)
     torch.testing.assert_close(positive_gradient_score(logits.detach(), mask, target), expected)
-    assert torch.isnan(positive_gradient_score(logits.detach(), mask, torch.full_like(target, 255))).all()
+    assert torch.isnan(
+        positive_gradient_score(logits.detach(), mask, torch.full_like(target, 255))
+    ).all()

@@ -40,14 +40,20 @@ def test_rank_weight_on_hand_made_features():
     assert official.flatten().tolist() == pytest.approx([2.0, 5 / 3, 1.0, 4 / 3])
     # No prototype yet for class 1: weight 1; no pseudo label: weight 0.
     valid = torch.tensor([True, False])
-    assert rank_weight(features, prototypes, labels, 3, valid).flatten().tolist() == pytest.approx([1.0, 2 / 3, 1.0, 1.0])
+    assert rank_weight(features, prototypes, labels, 3, valid).flatten().tolist() == pytest.approx(
+        [1.0, 2 / 3, 1.0, 1.0]
+    )
     ignored = torch.tensor([[[255, 0, 1, 1]]])
     assert rank_weight(features, prototypes, ignored, k=3).flatten()[0] == 0.0
 
 
 def test_ties_are_broken_by_lower_index_and_k_is_checked():
-    assert top_k_mask(torch.tensor([[1.0, 2.0, 2.0, 2.0]]), 2, dim=1).tolist() == [[False, True, True, False]]
-    assert top_k_mask(torch.tensor([[3.0, 2.0, 2.0, 5.0]]), 3, dim=1).tolist() == [[True, True, False, True]]
+    assert top_k_mask(torch.tensor([[1.0, 2.0, 2.0, 2.0]]), 2, dim=1).tolist() == [
+        [False, True, True, False]
+    ]
+    assert top_k_mask(torch.tensor([[3.0, 2.0, 2.0, 5.0]]), 3, dim=1).tolist() == [
+        [True, True, False, True]
+    ]
     with pytest.raises(ValueError, match="k must be"):
         top_k_mask(torch.zeros(1, 4), 5, dim=1)
 
@@ -61,8 +67,12 @@ def test_top_k_mask_is_the_set_a_stable_descending_sort_gives():
         expected = torch.zeros_like(values, dtype=torch.bool).scatter(1, order, True)
         assert torch.equal(top_k_mask(values, k, dim=1), expected), k
     prototypes = torch.rand(4, 16)
-    members = torch.zeros(4, 16, dtype=torch.bool).scatter(1, prototypes.sort(dim=1, descending=True, stable=True).indices[:, :5], True)
-    pixel = torch.zeros_like(values, dtype=torch.bool).scatter(1, values.sort(dim=1, descending=True, stable=True).indices[:, :5], True)
+    members = torch.zeros(4, 16, dtype=torch.bool).scatter(
+        1, prototypes.sort(dim=1, descending=True, stable=True).indices[:, :5], True
+    )
+    pixel = torch.zeros_like(values, dtype=torch.bool).scatter(
+        1, values.sort(dim=1, descending=True, stable=True).indices[:, :5], True
+    )
     expected = (pixel[:, None] & members[None, :, :, None, None]).sum(2)
     assert torch.equal(rank_overlap(values, prototypes, 5), expected)
 
@@ -153,7 +163,9 @@ def test_reliable_pixels_need_box_agreement_and_confidence():
 
 def test_box_agreement_counts_split_confident_pixels_by_their_class_box():
     # One row of 6 pixels; a detected box of class 1 covers columns 0-2.
-    inside = box_class_map(torch.tensor([[0.0, 0.0, 3.0, 1.0]]), torch.tensor([1]), num_classes=3, size=(1, 6))
+    inside = box_class_map(
+        torch.tensor([[0.0, 0.0, 3.0, 1.0]]), torch.tensor([1]), num_classes=3, size=(1, 6)
+    )
     pred = torch.tensor([[[1, 1, 0, 1, 1, 2]]])
     conf = torch.tensor([[[0.99, 0.99, 0.99, 0.99, 0.5, 0.99]]])
     target = torch.tensor([[[1, 2, 0, 1, 1, 255]]])
@@ -196,7 +208,9 @@ def test_detector_trains_resumes_exactly_detects_and_scores(synthetic_root, tmp_
     from semiseg.data.splits import read_split
 
     fmt = get_format("folder", None, root=synthetic_root / "data")
-    labeled = read_split(synthetic_root / "labeled.txt", synthetic_root / "data", require_mask=True)[:4]
+    labeled = read_split(
+        synthetic_root / "labeled.txt", synthetic_root / "data", require_mask=True
+    )[:4]
     reference = detector_config(synthetic_root, tmp_path / "a")
     detection.train_detector(reference, labeled, fmt, torch.device("cpu"), progress=False)
 
@@ -226,7 +240,12 @@ def test_detector_trains_resumes_exactly_detects_and_scores(synthetic_root, tmp_
     result = detection.box_accuracy(reference, labeled, fmt)
     assert result["detections"] == sum(result["per_class_count"].values())
     with pytest.raises(Exception, match="another detector config"):
-        detection.train_detector(detector_config(synthetic_root, tmp_path / "a", lr=1e-3), labeled, fmt, torch.device("cpu"))
+        detection.train_detector(
+            detector_config(synthetic_root, tmp_path / "a", lr=1e-3),
+            labeled,
+            fmt,
+            torch.device("cpu"),
+        )
 
 
 # ------------------------------------------------------------------- the policy
@@ -287,7 +306,9 @@ def test_rppi_adds_only_detector_verified_confident_pixels_to_the_unlabeled_bank
     from semiseg.pseudo import RankWeighting
 
     features, labels, probs = labeled_features()
-    policy = RankWeighting(2, threshold=0.0, k=3, rppi=True, reliable_threshold=0.9, detector_classes=[1])
+    policy = RankWeighting(
+        2, threshold=0.0, k=3, rppi=True, reliable_threshold=0.9, detector_classes=[1]
+    )
     policy.update(probs, labels, features)
     unlabeled = torch.rand(1, 6, 1, 3)
     u_probs = torch.tensor([[0.02, 0.98], [0.02, 0.98], [0.3, 0.7]]).T.reshape(1, 2, 1, 3)
@@ -302,7 +323,9 @@ def test_rppi_adds_only_detector_verified_confident_pixels_to_the_unlabeled_bank
 
 
 @pytest.mark.parametrize("scheme", ["fixmatch", "unimatch"])
-def test_rank_policy_trains_with_ppw_and_with_cached_detections(synthetic_root, tmp_path, scheme, capsys):
+def test_rank_policy_trains_with_ppw_and_with_cached_detections(
+    synthetic_root, tmp_path, scheme, capsys
+):
     import json
     import math
 
@@ -320,14 +343,21 @@ def test_rank_policy_trains_with_ppw_and_with_cached_detections(synthetic_root, 
             synthetic_root,
             tmp_path / name,
             scheme={"name": scheme},
-            policy={"name": "rankweight", "threshold": 0.0, "rppi": rppi, "reliable_threshold": 0.0},
+            policy={
+                "name": "rankweight",
+                "threshold": 0.0,
+                "rppi": rppi,
+                "reliable_threshold": 0.0,
+            },
             train={"iterations": 2, "eval_every": 2, "log_every": 1},
         )
         raw["detector"] = {"classes": [3, 4, 5], "dir": str(tmp_path / "detector")}
         return config_from_dict(raw)
 
     train(config("ppw", rppi=False), progress=False)
-    last = [r for r in read_metrics(tmp_path / "ppw" / "metrics.jsonl") if r["split"] == "train"][-1]
+    last = [r for r in read_metrics(tmp_path / "ppw" / "metrics.jsonl") if r["split"] == "train"][
+        -1
+    ]
     assert 0 <= last["policy/mean_rank_weight"] <= 1 and last["policy/prototypes"] >= 1
 
     with pytest.raises(FileNotFoundError, match="semiseg detector detect"):
@@ -338,18 +368,30 @@ def test_rank_policy_trains_with_ppw_and_with_cached_detections(synthetic_root, 
         record = {"image": "", "boxes": [[0, 0, 64, 48]], "classes": [3], "scores": [0.99]}
         (folder / f"{i:06d}.json").write_text(json.dumps(record))
     train(config("rppi", rppi=True), progress=False)
-    last = [r for r in read_metrics(tmp_path / "rppi" / "metrics.jsonl") if r["split"] == "train"][-1]
+    last = [r for r in read_metrics(tmp_path / "rppi" / "metrics.jsonl") if r["split"] == "train"][
+        -1
+    ]
     assert math.isfinite(last["loss"]) and last["policy/reliable_fraction"] > 0
     assert last["policy/unlabeled_bank_fill"] > 0
 
     # Supplement Table 1 with the trained model: the image-wide boxes hold every pixel of class 3.
     cfg = config("rppi", rppi=True)
     fmt = get_format("folder", None, root=synthetic_root / "data")
-    samples = read_split(synthetic_root / "unlabeled.txt", synthetic_root / "data", require_mask=True)
-    table = pixel_box_accuracy(cfg, tmp_path / "rppi" / "latest.pt", samples, fmt, torch.device("cpu"), progress=False)
+    samples = read_split(
+        synthetic_root / "unlabeled.txt", synthetic_root / "data", require_mask=True
+    )
+    table = pixel_box_accuracy(
+        cfg, tmp_path / "rppi" / "latest.pt", samples, fmt, torch.device("cpu"), progress=False
+    )
     pixel, in_box, outside = (table["groups"][name] for name in PIXEL_GROUPS)
-    assert in_box["per_class_pixels"][3] == pixel["per_class_pixels"][3] and outside["per_class_pixels"][3] == 0
-    assert in_box["per_class_pixels"][4] == 0 and outside["per_class_pixels"][4] == pixel["per_class_pixels"][4]
+    assert (
+        in_box["per_class_pixels"][3] == pixel["per_class_pixels"][3]
+        and outside["per_class_pixels"][3] == 0
+    )
+    assert (
+        in_box["per_class_pixels"][4] == 0
+        and outside["per_class_pixels"][4] == pixel["per_class_pixels"][4]
+    )
     assert pixel["things_pixels"] == sum(pixel["per_class_pixels"].values())
 
     # The same from the command line, with box accuracy at two IoUs.
@@ -361,7 +403,22 @@ def test_rank_policy_trains_with_ppw_and_with_cached_detections(synthetic_root, 
     path = tmp_path / "rppi.yaml"
     path.write_text(yaml.safe_dump(config_to_dict(cfg)))
     capsys.readouterr()
-    assert main(["detector", "eval", str(path), "--iou", "0.8", "0.1", "--checkpoint", str(tmp_path / "rppi" / "latest.pt"), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "detector",
+                "eval",
+                str(path),
+                "--iou",
+                "0.8",
+                "0.1",
+                "--checkpoint",
+                str(tmp_path / "rppi" / "latest.pt"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "16 detections" in printed and "at IoU >= 0.8" in printed and "at IoU >= 0.1" in printed
     assert "Pixel ∩ BBox" in printed

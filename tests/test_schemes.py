@@ -42,8 +42,12 @@ def test_oracle_diagnostics_on_a_hand_made_batch():
     assert float(logs["oracle/acc_weighted"]) == pytest.approx(1.5 / 1.75)
     assert float(logs["oracle/weight_correct"]) == pytest.approx(0.75)
     assert float(logs["oracle/weight_wrong"]) == pytest.approx(0.25)
-    nothing_used = oracle_diagnostics(PseudoLabels(target, torch.zeros_like(weight), weight), valid, truth)
-    assert math.isnan(nothing_used["oracle/acc_used"]) and math.isnan(nothing_used["oracle/acc_weighted"])
+    nothing_used = oracle_diagnostics(
+        PseudoLabels(target, torch.zeros_like(weight), weight), valid, truth
+    )
+    assert math.isnan(nothing_used["oracle/acc_used"]) and math.isnan(
+        nothing_used["oracle/acc_weighted"]
+    )
 
 
 @pytest.mark.parametrize("scheme", SEMI)
@@ -77,7 +81,9 @@ def test_semi_scheme_without_unlabeled_list_is_an_error(synthetic_root, tmp_path
 
 
 @pytest.mark.parametrize("warmup", [0, 3])
-def test_unimatch_daw_resumes_exactly_with_policy_state(synthetic_root, tmp_path, monkeypatch, warmup):
+def test_unimatch_daw_resumes_exactly_with_policy_state(
+    synthetic_root, tmp_path, monkeypatch, warmup
+):
     overrides = {
         "scheme": {"name": "unimatch"},
         "policy": {"name": "daw", "warmup": warmup},
@@ -104,7 +110,9 @@ def test_unimatch_daw_resumes_exactly_with_policy_state(synthetic_root, tmp_path
 
 
 @pytest.mark.parametrize("scheme", SEMI)
-def test_fpl_loss_trains_every_scheme_and_logs_k_and_gradient_scores(synthetic_root, tmp_path, scheme):
+def test_fpl_loss_trains_every_scheme_and_logs_k_and_gradient_scores(
+    synthetic_root, tmp_path, scheme
+):
     cfg = config_from_dict(
         tiny_config(
             synthetic_root,
@@ -122,19 +130,25 @@ def test_fpl_loss_trains_every_scheme_and_logs_k_and_gradient_scores(synthetic_r
     shares = [last[k] for k in ("fpl/k1", "fpl/k2", "fpl/k3", "fpl/k4+")]
     assert sum(shares) == pytest.approx(1.0, abs=1e-4)
     assert last["fpl/mean_k"] >= 1
-    assert sum(last.get(f"fpl/case{c}_share", 0.0) for c in (1, 2, 3)) == pytest.approx(1.0, abs=1e-4)
+    assert sum(last.get(f"fpl/case{c}_share", 0.0) for c in (1, 2, 3)) == pytest.approx(
+        1.0, abs=1e-4
+    )
     assert 0 <= last["fpl/R_case1"] <= 1 + 1e-6
 
     snapshots = load_k_maps(tmp_path / "run")
     assert [s["iteration"] for s in snapshots] == [2]
-    assert snapshots[0]["k"].shape == snapshots[0]["images"].shape[:3] and snapshots[0]["k"].min() >= 1
+    assert (
+        snapshots[0]["k"].shape == snapshots[0]["images"].shape[:3] and snapshots[0]["k"].min() >= 1
+    )
     assert main(["plot", str(tmp_path / "run")]) == 0
     for name in ("fpl_k_histogram.png", "fpl_k_maps.png", "fpl_gradient_scores.png"):
         assert (tmp_path / "run" / "plots" / name).is_file(), name
 
 
 @pytest.mark.filterwarnings("ignore:policy.threshold")  # T = 0 is below any threshold, on purpose
-def test_fpl_with_one_class_sets_and_no_adaptive_weight_is_the_cross_entropy_step(synthetic_root, tmp_path):
+def test_fpl_with_one_class_sets_and_no_adaptive_weight_is_the_cross_entropy_step(
+    synthetic_root, tmp_path
+):
     """T = 0 makes every set the pseudo label alone (K = 1), so FPL reduces to Eq. 9 = CE."""
 
     def first_loss(loss_cfg: dict, name: str) -> float:
@@ -149,15 +163,21 @@ def test_fpl_with_one_class_sets_and_no_adaptive_weight_is_the_cross_entropy_ste
             )
         )
         train(cfg, progress=False)
-        return next(r for r in read_metrics(tmp_path / name / "metrics.jsonl") if r["split"] == "train")["loss_s"]
+        return next(
+            r for r in read_metrics(tmp_path / name / "metrics.jsonl") if r["split"] == "train"
+        )["loss_s"]
 
     ce = first_loss({"name": "ce"}, "ce")
     fpl = first_loss({"name": "fpl", "T": 0.0, "adaptive_weight": "none"}, "fpl")
     assert fpl == pytest.approx(ce, rel=1e-5)
     # The official CPS rescaling keeps FPL's gradient direction but reports the CE value.
-    rescaled = first_loss({"name": "fpl", "T": 0.95, "adaptive_weight": "none", "rescale": True}, "rescaled")
+    rescaled = first_loss(
+        {"name": "fpl", "T": 0.95, "adaptive_weight": "none", "rescale": True}, "rescaled"
+    )
     assert rescaled == pytest.approx(ce, rel=1e-5)
-    assert first_loss({"name": "fpl", "T": 0.95, "adaptive_weight": "none"}, "plain") != pytest.approx(ce, rel=1e-3)
+    assert first_loss(
+        {"name": "fpl", "T": 0.95, "adaptive_weight": "none"}, "plain"
+    ) != pytest.approx(ce, rel=1e-3)
 
 
 def test_policy_warm_up_feeds_statistics_before_the_first_step(synthetic_root, tmp_path):
@@ -172,7 +192,9 @@ def test_policy_warm_up_feeds_statistics_before_the_first_step(synthetic_root, t
             )
         )
         train(cfg, progress=False)
-        return next(r for r in read_metrics(tmp_path / name / "metrics.jsonl") if r["split"] == "train")
+        return next(
+            r for r in read_metrics(tmp_path / name / "metrics.jsonl") if r["split"] == "train"
+        )
 
     cold, warm = first_window("cold", 0), first_window("warm", 20)
     # Twenty more EMA updates (m = 0.99) pull the fits away from the initial N(1/C, 1).

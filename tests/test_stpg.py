@@ -43,12 +43,28 @@ def test_mismatch_scores_on_a_hand_made_confusion_matrix():
 def test_selection_keeps_consistent_and_highly_mismatched_pixels():
     scores = mismatch_scores(STUDENT, TEACHER, 4)
     # Pixel 1: student 0 (I = 1), teacher 1 (I = 1/3): low. Pixel 4: student 2 (0.5) < teacher 0 (1): high.
-    assert select_professional(STUDENT, TEACHER, scores).flatten().tolist() == [True, False, True, True, True, True, False]
+    assert select_professional(STUDENT, TEACHER, scores).flatten().tolist() == [
+        True,
+        False,
+        True,
+        True,
+        True,
+        True,
+        False,
+    ]
     consistent, high, low = mismatch_parts(STUDENT, TEACHER, scores)
     assert consistent.flatten().tolist() == [True, False, True, True, False, True, False]
     assert high.flatten().tolist() == [False, False, False, False, True, False, False]
     assert low.flatten().tolist() == [False, True, False, False, False, False, False]
-    assert selection_mask(STUDENT, TEACHER, scores, "cons+lmis").flatten().tolist() == [True, True, True, True, False, True, False]
+    assert selection_mask(STUDENT, TEACHER, scores, "cons+lmis").flatten().tolist() == [
+        True,
+        True,
+        True,
+        True,
+        False,
+        True,
+        False,
+    ]
     assert selection_mask(STUDENT, TEACHER, scores, "all").sum() == 6  # the 255 pixel never counts
     with pytest.raises(ValueError, match="selection"):
         selection_mask(STUDENT, TEACHER, scores, "most")
@@ -82,13 +98,19 @@ def test_contrastive_losses_on_hand_computed_features():
     sigma = torch.tensor([1, 0])  # class 0 -> anchor 1, class 1 -> anchor 0
     f = torch.tensor([[0.0, 3.0]])  # normalised to [0, 1]: at class 0's anchor
     expected = math.log(1 + math.exp(-2.0))  # -log(e^{1/0.5} / (e^{1/0.5} + e^{0}))
-    assert anchor_contrastive_loss(f, torch.tensor([0]), anchors, sigma, tau=0.5).item() == pytest.approx(expected)
-    assert anchor_contrastive_loss(f, torch.tensor([1]), anchors, sigma, tau=0.5).item() == pytest.approx(math.log(1 + math.exp(2.0)))
+    assert anchor_contrastive_loss(
+        f, torch.tensor([0]), anchors, sigma, tau=0.5
+    ).item() == pytest.approx(expected)
+    assert anchor_contrastive_loss(
+        f, torch.tensor([1]), anchors, sigma, tau=0.5
+    ).item() == pytest.approx(math.log(1 + math.exp(2.0)))
     means = torch.tensor([[0.0, 1.0], [0.0, 0.0]])
     valid = torch.tensor([True, False])
     assert similarity_loss(f, torch.tensor([0]), means, valid).item() == pytest.approx(0.0)
     g = torch.tensor([[2.0, 0.0], [5.0, 5.0]])
-    assert similarity_loss(g, torch.tensor([0, 1]), means, valid).item() == pytest.approx(1.0)  # class 1 skipped
+    assert similarity_loss(g, torch.tensor([0, 1]), means, valid).item() == pytest.approx(
+        1.0
+    )  # class 1 skipped
 
 
 def test_similarity_loss_on_a_bank_of_unit_features_is_eq16_over_its_entries():
@@ -98,15 +120,23 @@ def test_similarity_loss_on_a_bank_of_unit_features_is_eq16_over_its_entries():
     means, valid = bank.prototypes()
     f = torch.tensor([[3.0, 1.0]])
     expected = (1 - F.cosine_similarity(f.expand(3, 2), entries, dim=1)).mean()
-    assert similarity_loss(f, torch.tensor([0]), means, valid).item() == pytest.approx(expected.item())
+    assert similarity_loss(f, torch.tensor([0]), means, valid).item() == pytest.approx(
+        expected.item()
+    )
 
 
 def test_prototype_ema_starts_from_the_first_mean():
     prototypes = torch.zeros(3, 2)
     feats = torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 2.0]])
     prototypes, seen = ema_prototypes(prototypes, feats, torch.tensor([0, 0, 1]), alpha=0.9)
-    assert prototypes.tolist() == [[2.0, 0.0], [0.0, 2.0], [0.0, 0.0]] and seen.tolist() == [True, True, False]
-    prototypes, seen = ema_prototypes(prototypes, torch.tensor([[12.0, 0.0]]), torch.tensor([0]), alpha=0.9, seen=seen)
+    assert prototypes.tolist() == [[2.0, 0.0], [0.0, 2.0], [0.0, 0.0]] and seen.tolist() == [
+        True,
+        True,
+        False,
+    ]
+    prototypes, seen = ema_prototypes(
+        prototypes, torch.tensor([[12.0, 0.0]]), torch.tensor([0]), alpha=0.9, seen=seen
+    )
     assert prototypes[0].tolist() == pytest.approx([0.9 * 2 + 0.1 * 12, 0.0])
 
 
@@ -125,8 +155,14 @@ def stpg_config(root, out, **stpg):
 
 def test_stpg_trains_logs_selection_and_resumes_exactly(synthetic_root, tmp_path, monkeypatch):
     train(stpg_config(synthetic_root, tmp_path / "ref"), progress=False)
-    last = [r for r in read_metrics(tmp_path / "ref" / "metrics.jsonl") if r["split"] == "train"][-1]
-    shares = last["stpg/share_consistent"] + last["stpg/share_high_mismatch"] + last["stpg/share_low_mismatch"]
+    last = [r for r in read_metrics(tmp_path / "ref" / "metrics.jsonl") if r["split"] == "train"][
+        -1
+    ]
+    shares = (
+        last["stpg/share_consistent"]
+        + last["stpg/share_high_mismatch"]
+        + last["stpg/share_low_mismatch"]
+    )
     assert shares == pytest.approx(1.0, abs=1e-4)
     assert "stpg/mismatch/0" in last and last["loss_sim"] > 0 and math.isfinite(last["loss"])
     assert main(["plot", str(tmp_path / "ref")]) == 0
@@ -135,7 +171,10 @@ def test_stpg_trains_logs_selection_and_resumes_exactly(synthetic_root, tmp_path
     cfg = stpg_config(synthetic_root, tmp_path / "killed")
     crash_at(cfg, 3, monkeypatch)
     train(cfg, progress=False)
-    a, b = load_checkpoint(tmp_path / "ref" / "latest.pt"), load_checkpoint(tmp_path / "killed" / "latest.pt")
+    a, b = (
+        load_checkpoint(tmp_path / "ref" / "latest.pt"),
+        load_checkpoint(tmp_path / "killed" / "latest.pt"),
+    )
     for name in ("student", "student_pro"):
         assert all(torch.equal(v, b["models"][name][k]) for k, v in a["models"][name].items()), name
     assert torch.equal(a["scheme"]["bank"]["queues"], b["scheme"]["bank"]["queues"])
@@ -143,7 +182,10 @@ def test_stpg_trains_logs_selection_and_resumes_exactly(synthetic_root, tmp_path
 
 
 def test_dual_mean_teacher_without_selection_or_contrast(synthetic_root, tmp_path):
-    train(stpg_config(synthetic_root, tmp_path / "dm", selection="all", lambda_ctr=0.0), progress=False)
+    train(
+        stpg_config(synthetic_root, tmp_path / "dm", selection="all", lambda_ctr=0.0),
+        progress=False,
+    )
     last = [r for r in read_metrics(tmp_path / "dm" / "metrics.jsonl") if r["split"] == "train"][-1]
     assert "loss_ac" not in last and math.isfinite(last["loss_u_pro"])
 

@@ -218,9 +218,15 @@ def test_stpg_cutmix_is_a_union_of_three_boxes_of_a_quarter_to_half_the_sides():
         # No single box reaches past half a side, so the union is at least one box of
         # 10x15 and at most three of 20x30.
         assert 10 * 15 <= int(union.sum()) <= 3 * 20 * 30
-        one = cutmix_box(40, 60, p=1.0, side=(0.25, 0.5), generator=torch.Generator().manual_seed(s))
+        one = cutmix_box(
+            40, 60, p=1.0, side=(0.25, 0.5), generator=torch.Generator().manual_seed(s)
+        )
         rows, cols = one.any(1).nonzero(), one.any(0).nonzero()
-        assert 10 <= len(rows) <= 20 and 15 <= len(cols) <= 30 and int(one.sum()) == len(rows) * len(cols)
+        assert (
+            10 <= len(rows) <= 20
+            and 15 <= len(cols) <= 30
+            and int(one.sum()) == len(rows) * len(cols)
+        )
     # The default draw is UniMatch's, unchanged by the new options' defaults.
     assert torch.equal(
         cutmix_box(40, 60, p=1.0, generator=torch.Generator().manual_seed(3)),

@@ -72,9 +72,13 @@ def load_grid(path: str | Path) -> BenchGrid:
         if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
             raise ConfigError(f"{path}: methods.{method} must be a list of key=value strings")
     if grid.baseline is not None and grid.baseline not in grid.methods:
-        raise ConfigError(f"{path}: baseline {grid.baseline!r} is not one of the methods {list(grid.methods)}")
+        raise ConfigError(
+            f"{path}: baseline {grid.baseline!r} is not one of the methods {list(grid.methods)}"
+        )
     if not re.fullmatch(r"[A-Za-z0-9._-]+", grid.name):
-        raise ConfigError(f"{path}: name {grid.name!r} names the table files: use letters, digits, '.', '_', '-'")
+        raise ConfigError(
+            f"{path}: name {grid.name!r} names the table files: use letters, digits, '.', '_', '-'"
+        )
     if not grid.seeds:
         raise ConfigError(f"{path}: seeds must not be empty")
     return grid
@@ -109,19 +113,29 @@ def read_result(method: str, seed: int, folder: Path, iterations: int) -> RunRes
     # The first window includes data-loader start-up; the median is robust to it.
     times = [r["sec_per_iter"] for r in records if r["split"] == "train" and "sec_per_iter" in r]
     return RunResult(
-        method, seed, val[-1]["miou"], val[-1].get("tail_miou"), statistics.median(times), iterations, final.get("kl")
+        method,
+        seed,
+        val[-1]["miou"],
+        val[-1].get("tail_miou"),
+        statistics.median(times),
+        iterations,
+        final.get("kl"),
     )
 
 
 def run_config(grid: BenchGrid, method: str, seed: int):
     """The config of one run; ``{seed}`` in an override value becomes the run's seed (e.g. a
     per-seed ``model.init_from`` checkpoint), ``{next_seed}`` the grid's next seed."""
-    following = grid.seeds[(grid.seeds.index(seed) + 1) % len(grid.seeds)] if seed in grid.seeds else seed
+    following = (
+        grid.seeds[(grid.seeds.index(seed) + 1) % len(grid.seeds)] if seed in grid.seeds else seed
+    )
     overrides = [
         o.replace("{seed}", str(seed)).replace("{next_seed}", str(following))
         for o in [*grid.overrides, *grid.methods[method]]
     ]
-    return load_config(grid.base, [*overrides, f"train.seed={seed}", f"output_dir={run_dir(grid, method, seed)}"])
+    return load_config(
+        grid.base, [*overrides, f"train.seed={seed}", f"output_dir={run_dir(grid, method, seed)}"]
+    )
 
 
 def _check_selection(grid: BenchGrid, methods: list[str] | None, seeds: list[int] | None) -> None:
@@ -134,7 +148,10 @@ def _check_selection(grid: BenchGrid, methods: list[str] | None, seeds: list[int
 
 
 def run_grid(
-    grid: BenchGrid, progress: bool = True, methods: list[str] | None = None, seeds: list[int] | None = None
+    grid: BenchGrid,
+    progress: bool = True,
+    methods: list[str] | None = None,
+    seeds: list[int] | None = None,
 ) -> list[RunResult]:
     """Train (or resume) every selected run that has not finished; return the results of all
     finished runs of the grid, selected or not, so several processes can share one grid."""
@@ -196,7 +213,9 @@ def summarize(grid: BenchGrid, results: list[RunResult]) -> list[dict]:
     for row in rows:
         row["gain"] = row["miou"] - base["miou"] if base else None
         row["tail_gain"] = (
-            row["tail_miou"] - base["tail_miou"] if base and row["tail_miou"] is not None and base["tail_miou"] is not None else None
+            row["tail_miou"] - base["tail_miou"]
+            if base and row["tail_miou"] is not None and base["tail_miou"] is not None
+            else None
         )
     return rows
 
@@ -247,7 +266,13 @@ def _bar_plot(grid: BenchGrid, rows: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(1.2 * len(rows) + 2, 3.5))
     names = [r["method"] for r in rows]
-    ax.bar(names, [r["miou"] for r in rows], yerr=[r["miou_std"] for r in rows], capsize=4, color="#4C72B0")
+    ax.bar(
+        names,
+        [r["miou"] for r in rows],
+        yerr=[r["miou_std"] for r in rows],
+        capsize=4,
+        color="#4C72B0",
+    )
     base = next((r for r in rows if r["method"] == grid.baseline), None)
     if base is not None:
         ax.axhline(base["miou"], color="grey", linestyle="--", linewidth=1, label=grid.baseline)

@@ -19,7 +19,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if os.environ.get("RANK", "0") != "0":
         return 0
     if "final" in result:
-        print(f"best val mIoU {100 * result['best_miou']:.2f} at iteration {result['best_iteration']}")
+        print(
+            f"best val mIoU {100 * result['best_miou']:.2f} at iteration {result['best_iteration']}"
+        )
     for r in result.get("rounds", []):
         if r.get("miou") is not None:
             kl = f", pseudo-label KL {r['kl_final']:.4f}" if r.get("kl_final") is not None else ""
@@ -122,29 +124,53 @@ def _cmd_detector(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     if args.action == "train":
         samples = read_split(resolve_list(cfg.data.labeled, root), root, require_mask=True)
-        print(f"detector checkpoint: {detection.train_detector(cfg, samples, fmt, device, progress)}")
+        print(
+            f"detector checkpoint: {detection.train_detector(cfg, samples, fmt, device, progress)}"
+        )
         return 0
     if not cfg.data.unlabeled:
-        raise ConfigError("detector detect/eval need data.unlabeled (the images the detections are for)")
-    samples = read_split(resolve_list(cfg.data.unlabeled, root), root, require_mask=args.action == "eval")
+        raise ConfigError(
+            "detector detect/eval need data.unlabeled (the images the detections are for)"
+        )
+    samples = read_split(
+        resolve_list(cfg.data.unlabeled, root), root, require_mask=args.action == "eval"
+    )
     if args.action == "detect":
         print(f"detections in {detection.detect(cfg, samples, device, progress)}")
         return 0
     results = [detection.box_accuracy(cfg, samples, fmt, iou) for iou in args.iou]
     names = fmt.class_names or [str(c) for c in range(fmt.num_classes)]
-    accuracies = ", ".join(f"{100 * r['accuracy']:.1f} % at IoU >= {iou}" for r, iou in zip(results, args.iou, strict=True))
-    print(f"{results[0]['detections']} detections (score >= {cfg.detector.score_threshold}), box accuracy: {accuracies}")
+    accuracies = ", ".join(
+        f"{100 * r['accuracy']:.1f} % at IoU >= {iou}"
+        for r, iou in zip(results, args.iou, strict=True)
+    )
+    print(
+        f"{results[0]['detections']} detections (score >= {cfg.detector.score_threshold}), box accuracy: {accuracies}"
+    )
     for c, count in results[0]["per_class_count"].items():
-        shown = ["-" if r["per_class"][c] is None else f"{100 * r['per_class'][c]:.1f} %" for r in results]
+        shown = [
+            "-" if r["per_class"][c] is None else f"{100 * r['per_class'][c]:.1f} %"
+            for r in results
+        ]
         print(f"  {names[c]:<14}{count:>6} boxes  " + "  ".join(f"{cell:>8}" for cell in shown))
     if args.checkpoint:
-        agreement = detection.pixel_box_accuracy(cfg, args.checkpoint, samples, fmt, device, progress)
-        print(f"pseudo-label precision of {args.checkpoint} (confidence >= {agreement['threshold']}), % (pixels):")
+        agreement = detection.pixel_box_accuracy(
+            cfg, args.checkpoint, samples, fmt, device, progress
+        )
+        print(
+            f"pseudo-label precision of {args.checkpoint} (confidence >= {agreement['threshold']}), % (pixels):"
+        )
         print(f"  {'':<14}" + "".join(f"{name:>24}" for name in agreement["groups"]))
-        for key, label in [(c, names[c]) for c in cfg.detector.classes] + [("things", "all listed")]:
+        for key, label in [(c, names[c]) for c in cfg.detector.classes] + [
+            ("things", "all listed")
+        ]:
             cells = []
             for group in agreement["groups"].values():
-                acc, pixels = (group["things"], group["things_pixels"]) if key == "things" else (group["per_class"][key], group["per_class_pixels"][key])
+                acc, pixels = (
+                    (group["things"], group["things_pixels"])
+                    if key == "things"
+                    else (group["per_class"][key], group["per_class_pixels"][key])
+                )
                 cells.append(f"{'-' if acc is None else f'{100 * acc:.1f}'} ({pixels})")
             print(f"  {label:<14}" + "".join(f"{cell:>24}" for cell in cells))
     return 0
@@ -174,7 +200,9 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     if not (run / "metrics.jsonl").is_file() or not (run / "config.yaml").is_file():
         raise FileNotFoundError(f"{run} is not a run folder (no metrics.jsonl / config.yaml)")
     cfg = load_config(run / "config.yaml")
-    fmt = get_format(cfg.data.format, cfg.data.num_classes, cfg.data.class_names, root=Path(cfg.data.root))
+    fmt = get_format(
+        cfg.data.format, cfg.data.num_classes, cfg.data.class_names, root=Path(cfg.data.root)
+    )
     compare = [Path(other) for other in args.compare or []]
     for other in compare:
         if not (other / "metrics.jsonl").is_file():
@@ -202,16 +230,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train from a YAML config (resumes from OUTPUT_DIR/latest.pt)")
     p.add_argument("config", help="YAML config file (see configs/)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.01 train.iterations=500")
-    p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint and train from scratch")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars (logs still written)")
+    p.add_argument(
+        "overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.01 train.iterations=500"
+    )
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="ignore an existing checkpoint and train from scratch",
+    )
+    p.add_argument(
+        "--no-progress", action="store_true", help="no progress bars (logs still written)"
+    )
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("eval", help="evaluate a checkpoint on its validation set; prints per-class IoU")
+    p = sub.add_parser(
+        "eval", help="evaluate a checkpoint on its validation set; prints per-class IoU"
+    )
     p.add_argument("checkpoint")
-    p.add_argument("--data-root", help="dataset folder (default: the one in the checkpoint's config)")
+    p.add_argument(
+        "--data-root", help="dataset folder (default: the one in the checkpoint's config)"
+    )
     p.add_argument("--val", help="validation split list (default: the checkpoint's)")
-    p.add_argument("--mode", choices=["none", "resize", "sliding"], help="evaluation mode (default: the checkpoint's)")
+    p.add_argument(
+        "--mode",
+        choices=["none", "resize", "sliding"],
+        help="evaluation mode (default: the checkpoint's)",
+    )
     p.add_argument("--size", type=int, help="resize shorter side or sliding window size")
     p.add_argument("--tail", type=int, nargs="*", help="class indices reported as tail mIoU")
     p.add_argument("--device", default="auto")
@@ -229,9 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("split", help="write labeled/unlabeled (and val) split lists, seeded")
     p.add_argument("--format", default="folder", choices=["folder", "voc", "cityscapes", "camvid"])
     p.add_argument("--root", required=True, help="dataset folder")
-    p.add_argument("--subset", default="train", help="the format's training subset to split (default: train)")
+    p.add_argument(
+        "--subset", default="train", help="the format's training subset to split (default: train)"
+    )
     p.add_argument("--list", help="split this list file instead of the format's subset")
-    p.add_argument("--val-subset", default="val", help="also write val.txt from this subset ('' to skip)")
+    p.add_argument(
+        "--val-subset", default="val", help="also write val.txt from this subset ('' to skip)"
+    )
     p.add_argument("--num-classes", type=int, help="for the folder format without classes.txt")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--fraction", help="labeled fraction: 1/8, 0.125 or 1_8")
@@ -240,25 +288,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for labeled.txt / unlabeled.txt / val.txt")
     p.set_defaults(func=_cmd_split)
 
-    p = sub.add_parser("pseudo-label", help="label a checkpoint's unlabeled set offline (ST, CBST, DA, DARS)")
+    p = sub.add_parser(
+        "pseudo-label", help="label a checkpoint's unlabeled set offline (ST, CBST, DA, DARS)"
+    )
     p.add_argument("checkpoint", help="teacher checkpoint (its config names the data)")
     p.add_argument("out", help="output folder: labels/, list.txt, stats.json (resumable)")
     p.add_argument("--method", choices=["st", "cbst", "da", "dars"], default="dars")
     p.add_argument("--alpha", type=float, default=0.2, help="labeling ratio (default 0.2)")
-    p.add_argument("--threshold", type=float, help="ST with this confidence threshold instead of --alpha")
-    p.add_argument("--temperature", type=float, default=1.0, help="temperature scaling (the DARS paper's TS: 1.27)")
+    p.add_argument(
+        "--threshold", type=float, help="ST with this confidence threshold instead of --alpha"
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=1.0,
+        help="temperature scaling (the DARS paper's TS: 1.27)",
+    )
     p.add_argument("--variant", choices=["paper", "official"], default="paper")
-    p.add_argument("--no-flip", action="store_true", help="do not average the teacher over a horizontal flip")
+    p.add_argument(
+        "--no-flip", action="store_true", help="do not average the teacher over a horizontal flip"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of DARS's random sampling")
     p.add_argument("--data-root", help="dataset folder (default: the checkpoint's)")
-    p.add_argument("--unlabeled", help="split list to label (default: the checkpoint's data.unlabeled)")
-    p.add_argument("--labeled", help="split list whose class distribution DA/DARS match (default: the checkpoint's)")
+    p.add_argument(
+        "--unlabeled", help="split list to label (default: the checkpoint's data.unlabeled)"
+    )
+    p.add_argument(
+        "--labeled",
+        help="split list whose class distribution DA/DARS match (default: the checkpoint's)",
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_pseudo_label)
 
-    p = sub.add_parser("detector", help="train the RPPI object detector on labeled masks, cache detections, score boxes")
-    p.add_argument("action", choices=["train", "detect", "eval"], help="train on labeled images; detect on unlabeled ones; eval box accuracy (needs their masks)")
+    p = sub.add_parser(
+        "detector",
+        help="train the RPPI object detector on labeled masks, cache detections, score boxes",
+    )
+    p.add_argument(
+        "action",
+        choices=["train", "detect", "eval"],
+        help="train on labeled images; detect on unlabeled ones; eval box accuracy (needs their masks)",
+    )
     p.add_argument("config", help="YAML config with a detector section")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. detector.iterations=500")
     p.add_argument(
@@ -266,7 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="eval: also the precision of this segmentation checkpoint's confident pseudo labels inside and outside the boxes",
     )
     p.add_argument(
-        "--iou", type=float, nargs="+", default=[0.8],
+        "--iou",
+        type=float,
+        nargs="+",
+        default=[0.8],
         help="eval: IoU(s) with a ground-truth box that make a detection correct (the supplement: 0.8)",
     )
     p.add_argument("--no-progress", action="store_true")
@@ -279,15 +353,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_bench)
 
-    p = sub.add_parser("plot", help="draw a run's pseudo-label diagnostics (DAW fits and t*, mask ratio, accuracy)")
+    p = sub.add_parser(
+        "plot", help="draw a run's pseudo-label diagnostics (DAW fits and t*, mask ratio, accuracy)"
+    )
     p.add_argument("run", help="run folder")
-    p.add_argument("--iterations", type=int, nargs="*", help="iterations at which to draw the DAW fits")
-    p.add_argument("--compare", nargs="+", metavar="RUN", help="other runs whose pseudo-label accuracy to draw beside this one")
+    p.add_argument(
+        "--iterations", type=int, nargs="*", help="iterations at which to draw the DAW fits"
+    )
+    p.add_argument(
+        "--compare",
+        nargs="+",
+        metavar="RUN",
+        help="other runs whose pseudo-label accuracy to draw beside this one",
+    )
     p.set_defaults(func=_cmd_plot)
 
-    p = sub.add_parser("quickstart", help="make a synthetic dataset, train on it, print the mIoU table")
+    p = sub.add_parser(
+        "quickstart", help="make a synthetic dataset, train on it, print the mIoU table"
+    )
     p.add_argument("--out", default="semiseg-quickstart", help="working folder (data and run)")
-    p.add_argument("--iterations", type=int, default=None, help="training iterations (default: the preset's)")
+    p.add_argument(
+        "--iterations", type=int, default=None, help="training iterations (default: the preset's)"
+    )
     p.add_argument("--restart", action="store_true")
     p.set_defaults(func=_cmd_quickstart)
     return parser

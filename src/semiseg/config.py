@@ -88,7 +88,9 @@ class OptimConfig:
 
 @dataclass
 class SchemeConfig:
-    name: Literal["supervised", "fixmatch", "unimatch", "mean_teacher", "cps", "self_training", "stpg"] = "supervised"
+    name: Literal[
+        "supervised", "fixmatch", "unimatch", "mean_teacher", "cps", "self_training", "stpg"
+    ] = "supervised"
     ema_decay: float = 0.0
     """Decay of an EMA copy of the student kept for evaluation (UniMatch/DAW use 0.999); 0 keeps none."""
     eval_ema: bool = False
@@ -307,9 +309,13 @@ class Config:
         if self.stpg.lambda_u < 0 or self.stpg.lambda_ctr < 0:
             raise ConfigError("stpg.lambda_u and stpg.lambda_ctr must be >= 0")
         if not 0 <= self.stpg.alpha < 1 or not 0 <= self.stpg.phi <= 1:
-            raise ConfigError(f"stpg.alpha must be in [0, 1) and stpg.phi in [0, 1], got {self.stpg.alpha}, {self.stpg.phi}")
+            raise ConfigError(
+                f"stpg.alpha must be in [0, 1) and stpg.phi in [0, 1], got {self.stpg.alpha}, {self.stpg.phi}"
+            )
         if not 0 <= self.detector.score_threshold <= 1:
-            raise ConfigError(f"detector.score_threshold must be in [0, 1], got {self.detector.score_threshold}")
+            raise ConfigError(
+                f"detector.score_threshold must be in [0, 1], got {self.detector.score_threshold}"
+            )
         rounds = self.selftrain
         if not (len(rounds.alpha) == len(rounds.beta_min) == len(rounds.beta_max)):
             raise ConfigError(
@@ -324,7 +330,11 @@ class Config:
             raise ConfigError(f"selftrain.threshold must be in (0, 1], got {rounds.threshold}")
         if not 0.0 <= self.loss.T <= 1.0:
             raise ConfigError(f"loss.T must be in [0, 1], got {self.loss.T}")
-        if self.loss.name == "fpl" and self.policy.name == "threshold" and self.policy.threshold >= self.loss.T:
+        if (
+            self.loss.name == "fpl"
+            and self.policy.name == "threshold"
+            and self.policy.threshold >= self.loss.T
+        ):
             warnings.warn(
                 f"policy.threshold {self.policy.threshold} >= loss.T {self.loss.T}: every pixel the threshold "
                 "keeps has K = 1, so FPL reduces to (adaptively weighted) cross-entropy; use policy.name="
@@ -358,12 +368,18 @@ class Config:
         if not 0 <= self.scheme.cutmix_p <= 1:
             raise ConfigError(f"scheme.cutmix_p must be in [0, 1], got {self.scheme.cutmix_p}")
         if self.scheme.cutmix_boxes < 1:
-            raise ConfigError(f"scheme.cutmix_boxes must be at least 1, got {self.scheme.cutmix_boxes}")
+            raise ConfigError(
+                f"scheme.cutmix_boxes must be at least 1, got {self.scheme.cutmix_boxes}"
+            )
         side = self.scheme.cutmix_side
         if side is not None and (len(side) != 2 or not 0 < side[0] <= side[1] <= 1):
-            raise ConfigError(f"scheme.cutmix_side must be [lo, hi] with 0 < lo <= hi <= 1, got {side}")
+            raise ConfigError(
+                f"scheme.cutmix_side must be [lo, hi] with 0 < lo <= hi <= 1, got {side}"
+            )
         if not 0 <= self.scheme.teacher_decay < 1:
-            raise ConfigError(f"scheme.teacher_decay must be in [0, 1), got {self.scheme.teacher_decay}")
+            raise ConfigError(
+                f"scheme.teacher_decay must be in [0, 1), got {self.scheme.teacher_decay}"
+            )
         if self.train.amp == "fp16" and not self.train.device.startswith(("cuda", "auto")):
             raise ConfigError("train.amp=fp16 needs a CUDA device; use bf16 on CPU")
 
@@ -397,7 +413,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
                 raise ConfigError(f"{key}: expected {len(args)} values, got {list(value)!r}")
-            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+            return tuple(
+                _coerce(v, a, f"{key}[{i}]")
+                for i, (v, a) in enumerate(zip(value, args, strict=True))
+            )
         item = args[0] if args else Any
         items = [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
@@ -406,7 +425,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         key_type, value_type = args or (Any, Any)
         return {
-            _coerce(k, key_type, f"{key} key"): _coerce(v, value_type, f"{key}.{k}") for k, v in value.items()
+            _coerce(k, key_type, f"{key} key"): _coerce(v, value_type, f"{key}.{k}")
+            for k, v in value.items()
         }
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -500,7 +520,9 @@ def read_config_tree(path: Path, _chain: tuple[Path, ...] = ()) -> dict:
     changes, e.g. a method preset on top of the dataset's supervised preset.
     """
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}" + (f" (base of {_chain[-1]})" if _chain else ""))
+        raise ConfigError(
+            f"config file not found: {path}" + (f" (base of {_chain[-1]})" if _chain else "")
+        )
     if path.resolve() in _chain:
         raise ConfigError(f"{path}: 'base' chain loops back to itself")
     try:

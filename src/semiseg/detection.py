@@ -57,7 +57,9 @@ def build_detector(cfg: Config) -> nn.Module:
     k + 1 of the detector is `detector.classes[k]` of the segmentation (0 is background)."""
     det = cfg.detector
     if not det.classes:
-        raise ConfigError("detector.classes is empty: list the segmentation classes to detect (thing classes)")
+        raise ConfigError(
+            "detector.classes is empty: list the segmentation classes to detect (thing classes)"
+        )
     return BACKBONES[det.backbone](
         weights=None,
         weights_backbone=None,
@@ -75,7 +77,9 @@ def detection_target(sample: Sample, fmt: DatasetFormat, cfg: Config) -> tuple[t
     mask = torch.from_numpy(fmt.load_mask(sample.mask).astype(np.int64))
     boxes, labels = boxes_from_mask(mask, cfg.detector.classes)
     keep = _component_sizes(mask, boxes, labels) >= cfg.detector.min_component_pixels
-    detector_labels = torch.tensor([cfg.detector.classes.index(int(c)) + 1 for c in labels[keep]], dtype=torch.int64)
+    detector_labels = torch.tensor(
+        [cfg.detector.classes.index(int(c)) + 1 for c in labels[keep]], dtype=torch.int64
+    )
     return image, {"boxes": boxes[keep], "labels": detector_labels}
 
 
@@ -95,7 +99,13 @@ def _flip(image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
     return image.flip(-1), {**target, "boxes": boxes}
 
 
-def train_detector(cfg: Config, samples: list[Sample], fmt: DatasetFormat, device: torch.device, progress: bool = True) -> Path:
+def train_detector(
+    cfg: Config,
+    samples: list[Sample],
+    fmt: DatasetFormat,
+    device: torch.device,
+    progress: bool = True,
+) -> Path:
     """Train (or resume, or leave alone if finished) the detector in `detector.dir`."""
     det = cfg.detector
     out = Path(det.dir)
@@ -107,7 +117,9 @@ def train_detector(cfg: Config, samples: list[Sample], fmt: DatasetFormat, devic
     if latest.is_file():
         ckpt = load_checkpoint(latest)
         if ckpt["config"]["detector"] != config_to_dict(cfg)["detector"]:
-            raise ConfigError(f"{latest} was trained with another detector config; use another detector.dir")
+            raise ConfigError(
+                f"{latest} was trained with another detector config; use another detector.dir"
+            )
         model.load_state_dict(ckpt["models"]["detector"])
         optimizer.load_state_dict(ckpt["optimizer"])
         iteration = ckpt["iteration"]
@@ -116,7 +128,13 @@ def train_detector(cfg: Config, samples: list[Sample], fmt: DatasetFormat, devic
         return latest
     sampler = iter(ResumableSampler(len(samples), cfg.train.seed, start=iteration * det.batch_size))
     model.train()
-    bar = tqdm(total=det.iterations, initial=iteration, desc="detector", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=det.iterations,
+        initial=iteration,
+        desc="detector",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     while iteration < det.iterations:
         images, targets = [], []
         for _ in range(det.batch_size):
@@ -131,7 +149,9 @@ def train_detector(cfg: Config, samples: list[Sample], fmt: DatasetFormat, devic
         losses = model(images, targets)
         loss = sum(losses.values())
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"detector loss is {loss.item()} at step {iteration}; lower detector.lr")
+            raise FloatingPointError(
+                f"detector loss is {loss.item()} at step {iteration}; lower detector.lr"
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -158,7 +178,9 @@ def load_detector(cfg: Config, device: torch.device) -> nn.Module:
     path = Path(cfg.detector.dir) / "latest.pt"
     ckpt = load_checkpoint(path)
     if ckpt["iteration"] < cfg.detector.iterations:
-        raise ConfigError(f"{path} is at iteration {ckpt['iteration']} of {cfg.detector.iterations}: finish training first")
+        raise ConfigError(
+            f"{path} is at iteration {ckpt['iteration']} of {cfg.detector.iterations}: finish training first"
+        )
     model = build_detector(cfg)
     model.load_state_dict(ckpt["models"]["detector"])
     return model.to(device).eval()
@@ -175,7 +197,9 @@ def detect(cfg: Config, samples: list[Sample], device: torch.device, progress: b
     classes = cfg.detector.classes
     todo = [i for i in range(len(samples)) if not _detection_path(cfg, i).is_file()]
     for i in tqdm(todo, desc="detect", disable=not progress, dynamic_ncols=True):
-        image = TF.to_dtype(TF.pil_to_tensor(load_image(samples[i].image)), torch.float32, scale=True)
+        image = TF.to_dtype(
+            TF.pil_to_tensor(load_image(samples[i].image)), torch.float32, scale=True
+        )
         found = model([image.to(device)])[0]
         keep = found["scores"] >= cfg.detector.score_threshold
         record = {
@@ -192,7 +216,9 @@ def load_detections(cfg: Config, index: int) -> tuple[torch.Tensor, torch.Tensor
     """(boxes [N,4] xyxy, segmentation classes [N]) cached for unlabeled image `index`."""
     path = _detection_path(cfg, index)
     if not path.is_file():
-        raise FileNotFoundError(f"no cached detections for unlabeled image {index} ({path}); run `semiseg detector detect`")
+        raise FileNotFoundError(
+            f"no cached detections for unlabeled image {index} ({path}); run `semiseg detector detect`"
+        )
     record = json.loads(path.read_text())
     boxes = torch.tensor(record["boxes"], dtype=torch.float32).reshape(-1, 4)
     return boxes, torch.tensor(record["classes"], dtype=torch.int64)
@@ -239,7 +265,9 @@ def box_accuracy(cfg: Config, samples: list[Sample], fmt: DatasetFormat, iou: fl
     return {
         "detections": detections,
         "accuracy": sum(correct.values()) / detections if detections else float("nan"),
-        "per_class": {c: (correct[c] / total[c] if total[c] else None) for c in cfg.detector.classes},
+        "per_class": {
+            c: (correct[c] / total[c] if total[c] else None) for c in cfg.detector.classes
+        },
         "per_class_count": total,
     }
 
@@ -267,15 +295,23 @@ def pixel_box_accuracy(
     size = model_cfg.data.eval_size or model_cfg.data.crop_size
     dataset = SegmentationDataset(samples, fmt, eval_transform(mode, size), with_mask=True)
     counts = torch.zeros((len(PIXEL_GROUPS), 2, num_classes), dtype=torch.int64)
-    for i in tqdm(range(len(samples)), desc="pixel/box accuracy", disable=not progress, dynamic_ncols=True):
+    for i in tqdm(
+        range(len(samples)), desc="pixel/box accuracy", disable=not progress, dynamic_ncols=True
+    ):
         item = dataset[i]
         target = item["mask"]
-        logits = predict_logits(model, item["image"][None].to(device), num_classes, tuple(target.shape), mode, size)
+        logits = predict_logits(
+            model, item["image"][None].to(device), num_classes, tuple(target.shape), mode, size
+        )
         conf, pred = logits.float().softmax(dim=1)[0].max(dim=0)
         boxes, classes = load_detections(cfg, i)
         boxes_map = box_class_map(boxes, classes, num_classes, tuple(target.shape))
         counts += box_agreement_counts(
-            pred[None].cpu(), conf[None].cpu(), target[None].long(), boxes_map[None], cfg.policy.reliable_threshold
+            pred[None].cpu(),
+            conf[None].cpu(),
+            target[None].long(),
+            boxes_map[None],
+            cfg.policy.reliable_threshold,
         )
     things = list(cfg.detector.classes)
 

@@ -81,7 +81,9 @@ def all_gather_objects(ctx: DistContext, obj: object) -> list:
     return out
 
 
-def all_gather_pairs(features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def all_gather_pairs(
+    features: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Every process's (features [N_r,D], labels [N_r]) concatenated in rank order; N_r may
     differ between processes (feature memory banks under DDP)."""
     parts: list = [None] * dist.get_world_size()

@@ -100,12 +100,16 @@ def load_data(cfg: Config, need_unlabeled: bool, need_pseudo: bool = False) -> D
     unlabeled = None
     if need_unlabeled:
         if not cfg.data.unlabeled:
-            raise DataError(f"scheme {cfg.scheme.name!r} needs data.unlabeled (a split list of unlabeled images)")
+            raise DataError(
+                f"scheme {cfg.scheme.name!r} needs data.unlabeled (a split list of unlabeled images)"
+            )
         unlabeled = read_split(resolve_list(cfg.data.unlabeled, root), root, require_mask=False)
     pseudo = None
     if need_pseudo:
         if not cfg.data.pseudo_labeled:
-            raise DataError(f"scheme {cfg.scheme.name!r} needs data.pseudo_labeled (images with pseudo-label masks)")
+            raise DataError(
+                f"scheme {cfg.scheme.name!r} needs data.pseudo_labeled (images with pseudo-label masks)"
+            )
         pseudo = read_split(resolve_list(cfg.data.pseudo_labeled, root), root, require_mask=True)
         check_samples(pseudo, fmt, deep=False, desc="check pseudo-labeled")
     if cfg.data.val:
@@ -125,7 +129,9 @@ def load_data(cfg: Config, need_unlabeled: bool, need_pseudo: bool = False) -> D
         check_samples(unlabeled, fmt, deep=False, desc="check unlabeled")
     elif unlabeled is not None:
         # Unlabeled masks, where they exist, are never read for training: check images only.
-        check_samples([Sample(s.image, None) for s in unlabeled], fmt, deep=False, desc="check unlabeled")
+        check_samples(
+            [Sample(s.image, None) for s in unlabeled], fmt, deep=False, desc="check unlabeled"
+        )
     return DataBundle(fmt, num_classes, class_names, labeled, unlabeled, val, pseudo)
 
 
@@ -157,7 +163,16 @@ POLICY_OPTIONS = {
     "ael": ("power",),
     "daw": ("momentum", "align", "weighting", "variant"),
     "rankweight": (
-        "threshold", "k", "bank_size", "per_update", "similarity", "variant", "rppi", "reliable_threshold", "base", "power",
+        "threshold",
+        "k",
+        "bank_size",
+        "per_update",
+        "similarity",
+        "variant",
+        "rppi",
+        "reliable_threshold",
+        "base",
+        "power",
     ),
 }
 
@@ -170,7 +185,9 @@ def build_policy_from_config(cfg: Config, num_classes: int, ctx: DistContext) ->
             gather=all_gather_pairs if ctx.distributed else None,
             seed=cfg.train.seed,
         )
-    return build_policy(cfg.policy.name, num_classes, reduce=all_reduce_sum if ctx.distributed else None, **options)
+    return build_policy(
+        cfg.policy.name, num_classes, reduce=all_reduce_sum if ctx.distributed else None, **options
+    )
 
 
 def warm_start_sources(init_from: str | list[str], model_names: tuple[str, ...]) -> dict[str, str]:
@@ -253,7 +270,9 @@ class Trainer:
         self.progress = progress and self.ctx.is_main
         self.run_dir = Path(cfg.output_dir)
         self.scheme_cls = get_scheme(cfg.scheme.name)
-        self.data = load_data(cfg, self.scheme_cls.uses_unlabeled, self.scheme_cls.uses_pseudo_labels)
+        self.data = load_data(
+            cfg, self.scheme_cls.uses_unlabeled, self.scheme_cls.uses_pseudo_labels
+        )
         self.num_classes = self.data.num_classes
 
         latest = self.run_dir / "latest.pt"
@@ -261,7 +280,9 @@ class Trainer:
         warm_starts = {}
         if cfg.model.init_from and not resuming:
             warm_starts = warm_start_sources(cfg.model.init_from, self.scheme_cls.model_names)
-            loaded = {path: load_warm_start(path, self.num_classes) for path in set(warm_starts.values())}
+            loaded = {
+                path: load_warm_start(path, self.num_classes) for path in set(warm_starts.values())
+            }
         seed_everything(cfg.train.seed)
         models = {}
         for k, name in enumerate(self.scheme_cls.model_names):
@@ -292,7 +313,9 @@ class Trainer:
             weight_decay=cfg.optim.weight_decay,
             nesterov=cfg.optim.nesterov,
         )
-        self.autocast_dtype = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.train.amp]
+        self.autocast_dtype = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}[
+            cfg.train.amp
+        ]
         self.scaler = torch.amp.GradScaler(self.ctx.device.type, enabled=cfg.train.amp == "fp16")
         self.iteration = 0
         self.best = {"miou": -1.0, "iteration": 0}
@@ -327,7 +350,9 @@ class Trainer:
         detections: Callable | None = None,
     ) -> Iterator:
         cfg = self.cfg.data
-        dataset = SegmentationDataset(samples, self.data.fmt, transform, with_mask=with_mask, detections=detections)
+        dataset = SegmentationDataset(
+            samples, self.data.fmt, transform, with_mask=with_mask, detections=detections
+        )
         sampler = ResumableSampler(
             len(samples),
             seed,
@@ -391,7 +416,11 @@ class Trainer:
 
     def _resume(self, path: Path) -> None:
         ckpt = load_checkpoint(path, map_location=self.ctx.device)
-        changed = [k for k in _config_differences(_with_defaults(ckpt["config"]), config_to_dict(self.cfg)) if k not in RESUMABLE_CHANGES]
+        changed = [
+            k
+            for k in _config_differences(_with_defaults(ckpt["config"]), config_to_dict(self.cfg))
+            if k not in RESUMABLE_CHANGES
+        ]
         if changed:
             raise RuntimeError(
                 f"{path} was written by a run with a different config (differs in: {', '.join(changed)}); "
@@ -443,7 +472,12 @@ class Trainer:
         logger.log(self.iteration, "val", scores.as_dict(self.data.class_names))
         if self.cfg.loss.name == "fpl" and self.data.unlabeled:
             save_fpl_k_maps(
-                self.scheme.eval_model(), self.data.unlabeled, self.data.fmt, self.cfg, self.iteration, self.ctx.device
+                self.scheme.eval_model(),
+                self.data.unlabeled,
+                self.data.fmt,
+                self.cfg,
+                self.iteration,
+                self.ctx.device,
             )
         if improved:
             ckpt = self._checkpoint(with_optimizer=False)
@@ -483,9 +517,16 @@ class Trainer:
         cfg = self.cfg
         policy: Policy = self.scheme.policy  # type: ignore[attr-defined]
         model = self.scheme.models[self.scheme_cls.model_names[0]]
-        stream = self._train_loader(self.data.labeled, cfg.data.batch_size, True, cfg.train.seed + 3, transform)
+        stream = self._train_loader(
+            self.data.labeled, cfg.data.batch_size, True, cfg.train.seed + 3, transform
+        )
         model.eval()
-        for _ in tqdm(range(cfg.policy.warmup), desc="policy warm-up", disable=not self.progress, dynamic_ncols=True):
+        for _ in tqdm(
+            range(cfg.policy.warmup),
+            desc="policy warm-up",
+            disable=not self.progress,
+            dynamic_ncols=True,
+        ):
             batch = Scheme.to_device(next(stream), self.ctx.device)
             out = model(batch["image"])
             policy.update(out.logits.float().softmax(dim=1), batch["mask"], out.features)
@@ -494,7 +535,9 @@ class Trainer:
     def _loop(self, logger: MetricsLogger | None, total: int) -> dict:
         cfg = self.cfg
         weak = TrainTransform(cfg.data.crop_size, tuple(cfg.data.scale_range), hflip=cfg.data.hflip)
-        labeled_iter = self._train_loader(self.data.labeled, cfg.data.batch_size, True, cfg.train.seed, weak)
+        labeled_iter = self._train_loader(
+            self.data.labeled, cfg.data.batch_size, True, cfg.train.seed, weak
+        )
         unlabeled_iter = mix_iter = None
         if self.data.unlabeled is not None:
             batch_u = cfg.data.unlabeled_batch_size or cfg.data.batch_size
@@ -507,26 +550,40 @@ class Trainer:
             )
             oracle = cfg.scheme.oracle_eval
             boxes = functools.partial(detection_bitmask, cfg) if self._uses_detections() else None
-            unlabeled_iter = self._train_loader(self.data.unlabeled, batch_u, oracle, cfg.train.seed + 1, views, boxes)
+            unlabeled_iter = self._train_loader(
+                self.data.unlabeled, batch_u, oracle, cfg.train.seed + 1, views, boxes
+            )
             # UniMatch draws the CutMix source as a second, independent unlabeled stream.
-            mix_iter = self._train_loader(self.data.unlabeled, batch_u, False, cfg.train.seed + 2, views, boxes)
+            mix_iter = self._train_loader(
+                self.data.unlabeled, batch_u, False, cfg.train.seed + 2, views, boxes
+            )
         elif self.data.pseudo_labeled is not None:
             # Self-training: pseudo-labeled crops augmented like the labeled ones (DARS Eq. 2).
             batch_u = cfg.data.unlabeled_batch_size or cfg.data.batch_size
-            unlabeled_iter = self._train_loader(self.data.pseudo_labeled, batch_u, True, cfg.train.seed + 1, weak)
+            unlabeled_iter = self._train_loader(
+                self.data.pseudo_labeled, batch_u, True, cfg.train.seed + 1, weak
+            )
         if self.iteration == 0 and cfg.policy.warmup and unlabeled_iter is not None:
             self._warm_up_policy(weak)
         checkpoint_every = cfg.train.checkpoint_every or cfg.train.eval_every
         device = self.ctx.device
         self.scheme.train()
-        bar = tqdm(total=total, initial=self.iteration, desc="train", disable=not self.progress, dynamic_ncols=True)
+        bar = tqdm(
+            total=total,
+            initial=self.iteration,
+            desc="train",
+            disable=not self.progress,
+            dynamic_ncols=True,
+        )
         window_start, window = time.perf_counter(), WindowMeans()
         while self.iteration < total:
             lr = self._set_lr(self.iteration)
             labeled = Scheme.to_device(next(labeled_iter), device)
             unlabeled = Scheme.to_device(next(unlabeled_iter), device) if unlabeled_iter else None
             mix = Scheme.to_device(next(mix_iter), device) if mix_iter else None
-            with torch.autocast(device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            with torch.autocast(
+                device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
+            ):
                 out = self.scheme.training_step(labeled, unlabeled, mix, self.iteration)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(out.loss).backward()
@@ -559,7 +616,11 @@ class Trainer:
                 # Evaluation time is not training time.
                 window_start = time.perf_counter()
         bar.close()
-        final = {"iteration": self.iteration, "best_miou": self.best["miou"], "best_iteration": self.best["iteration"]}
+        final = {
+            "iteration": self.iteration,
+            "best_miou": self.best["miou"],
+            "best_iteration": self.best["iteration"],
+        }
         if self.last_scores is not None:
             final["final"] = self.last_scores.as_dict(self.data.class_names)
         if self.ctx.is_main:

@@ -18,21 +18,27 @@ from torch import Tensor
 from tqdm import tqdm
 
 
-def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int, ignore_index: int = 255) -> Tensor:
+def confusion_matrix(
+    pred: Tensor, target: Tensor, num_classes: int, ignore_index: int = 255
+) -> Tensor:
     """Count matrix m[t, p] = #pixels with ground truth t and prediction p.
 
     pred, target: integer tensors of equal shape (any, e.g. [B,H,W]). Pixels whose
     target is `ignore_index` are skipped. Returns int64 [C, C].
     """
     if pred.shape != target.shape:
-        raise ValueError(f"prediction shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
+        raise ValueError(
+            f"prediction shape {tuple(pred.shape)} != target shape {tuple(target.shape)}"
+        )
     valid = target != ignore_index
     target = target[valid].long()
     pred = pred[valid].long()
     if target.numel() and (int(target.max()) >= num_classes or int(target.min()) < 0):
         raise ValueError(f"target has labels outside [0, {num_classes}) other than {ignore_index}")
     flat = target * num_classes + pred
-    return torch.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    return torch.bincount(flat, minlength=num_classes * num_classes).reshape(
+        num_classes, num_classes
+    )
 
 
 @dataclass
@@ -51,11 +57,19 @@ class SegmentationScores:
         out = {"miou": self.miou, "pixel_accuracy": self.pixel_accuracy}
         if self.tail_miou is not None:
             out["tail_miou"] = self.tail_miou
-        out.update({f"iou/{name}": value for name, value in zip(names, self.iou, strict=True) if value is not None})
+        out.update(
+            {
+                f"iou/{name}": value
+                for name, value in zip(names, self.iou, strict=True)
+                if value is not None
+            }
+        )
         return out
 
 
-def scores_from_confusion(confusion: Tensor, tail_classes: Sequence[int] = ()) -> SegmentationScores:
+def scores_from_confusion(
+    confusion: Tensor, tail_classes: Sequence[int] = ()
+) -> SegmentationScores:
     """IoU per class, mIoU, pixel accuracy and the mean IoU over `tail_classes` (all in [0, 1])."""
     confusion = confusion.double()
     tp = confusion.diag()

@@ -25,7 +25,9 @@ from semiseg.schemes import get_scheme
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 
-def load_trained_model(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, Config, dict]:
+def load_trained_model(
+    path: str | Path, device: torch.device
+) -> tuple[torch.nn.Module, Config, dict]:
     """The checkpoint's evaluation network (EMA copy when the run evaluated it), in eval mode."""
     ckpt = load_checkpoint(path, map_location="cpu")
     cfg = config_from_dict(ckpt["config"])
@@ -100,13 +102,17 @@ def predict_folder(
     fmt = get_format(cfg.data.format, ckpt["num_classes"], ckpt["class_names"])
     mode = mode or cfg.data.eval_mode
     size = size or cfg.data.eval_size or cfg.data.crop_size
-    dataset = SegmentationDataset([Sample(p, None) for p in images], fmt, eval_transform(mode, size), with_mask=False)
+    dataset = SegmentationDataset(
+        [Sample(p, None) for p in images], fmt, eval_transform(mode, size), with_mask=False
+    )
     output_dir.mkdir(parents=True, exist_ok=True)
     for index in tqdm(range(len(dataset)), desc="predict"):
         item = dataset[index]
         with Image.open(images[index]) as original:
             out_size = (original.height, original.width)
-        logits = predict_logits(model, item["image"][None].to(dev), ckpt["num_classes"], out_size, mode, size)
+        logits = predict_logits(
+            model, item["image"][None].to(dev), ckpt["num_classes"], out_size, mode, size
+        )
         mask = logits.argmax(1)[0].to(torch.uint8).cpu().numpy().astype(np.uint8)
         target = output_dir / f"{images[index].stem}.png"
         tmp = target.with_name(f".{target.name}.tmp")

@@ -16,7 +16,9 @@ class MetricsLogger:
     the log reads as one uninterrupted run.
     """
 
-    def __init__(self, run_dir: Path, resume_iteration: int | None = None, tensorboard: bool = True):
+    def __init__(
+        self, run_dir: Path, resume_iteration: int | None = None, tensorboard: bool = True
+    ):
         self.path = run_dir / "metrics.jsonl"
         run_dir.mkdir(parents=True, exist_ok=True)
         if resume_iteration is not None and self.path.exists():

@@ -85,7 +85,9 @@ class GeneratorSpec:
 
     def __post_init__(self) -> None:
         if self.method not in ("st", "cbst", "da", "dars"):
-            raise ValueError(f"unknown pseudo-label method {self.method!r}; use st, cbst, da or dars")
+            raise ValueError(
+                f"unknown pseudo-label method {self.method!r}; use st, cbst, da or dars"
+            )
         if self.variant not in ("paper", "official"):
             raise ValueError(f"variant must be 'paper' or 'official', got {self.variant!r}")
         if self.method == "st" and (self.alpha is None) == (self.threshold is None):
@@ -107,10 +109,14 @@ class TeacherSpec:
     flip: bool = True
 
 
-def labeled_class_counts(samples: list[Sample], fmt: DatasetFormat, num_classes: int, progress: bool = True) -> torch.Tensor:
+def labeled_class_counts(
+    samples: list[Sample], fmt: DatasetFormat, num_classes: int, progress: bool = True
+) -> torch.Tensor:
     """Pixels per class over the labeled masks (255 excluded), int64 [C], one mask at a time."""
     counts = torch.zeros(num_classes, dtype=torch.int64)
-    for sample in tqdm(samples, desc="labeled class counts", disable=not progress, dynamic_ncols=True):
+    for sample in tqdm(
+        samples, desc="labeled class counts", disable=not progress, dynamic_ncols=True
+    ):
         assert sample.mask is not None
         labels = torch.from_numpy(fmt.load_mask(sample.mask).astype(np.int64)).flatten()
         labels = labels[labels != IGNORE]
@@ -162,15 +168,23 @@ def predict_set(
         with Image.open(samples[i].image) as img:
             width, height = img.size
         image = dataset[i]["image"].unsqueeze(0).to(device)
-        logits = predict_logits(model, image, num_classes, (height, width), teacher.mode, teacher.size)
+        logits = predict_logits(
+            model, image, num_classes, (height, width), teacher.mode, teacher.size
+        )
         if teacher.flip:
-            flipped = predict_logits(model, image.flip(-1), num_classes, (height, width), teacher.mode, teacher.size)
+            flipped = predict_logits(
+                model, image.flip(-1), num_classes, (height, width), teacher.mode, teacher.size
+            )
             logits = (logits + flipped.flip(-1)) / 2
         logits = logits.float() / spec.temperature
         if spec.variant == "official":
             logits = logits.half()
         conf, pred = logits.softmax(dim=1)[0].max(dim=0)
-        _save_npz(_cache_path(out, i), conf=conf.half().cpu().numpy(), pred=pred.to(torch.uint8).cpu().numpy())
+        _save_npz(
+            _cache_path(out, i),
+            conf=conf.half().cpu().numpy(),
+            pred=pred.to(torch.uint8).cpu().numpy(),
+        )
 
 
 def histogram(out: Path, count: int, num_classes: int) -> ConfidenceHistogram:
@@ -192,7 +206,9 @@ class Plan:
     kept: list[int]
 
 
-def plan_thresholds(spec: GeneratorSpec, hist: ConfidenceHistogram, ratio: torch.Tensor | None) -> Plan:
+def plan_thresholds(
+    spec: GeneratorSpec, hist: ConfidenceHistogram, ratio: torch.Tensor | None
+) -> Plan:
     total = int(hist.counts.sum())
     num_classes = hist.num_classes
     if spec.method == "st":
@@ -225,7 +241,9 @@ def _count_at_least(counts: torch.Tensor, t: float | None) -> int:
 
 
 def _threshold_tensor(plan: Plan) -> torch.Tensor:
-    return torch.tensor([math.inf if t is None else t for t in plan.thresholds], dtype=torch.float32)
+    return torch.tensor(
+        [math.inf if t is None else t for t in plan.thresholds], dtype=torch.float32
+    )
 
 
 def _candidates(conf: torch.Tensor, pred: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
@@ -255,7 +273,9 @@ def allot(out: Path, count: int, spec: GeneratorSpec, plan: Plan, seed: int) -> 
     quota = np.minimum(np.array(plan.targets, dtype=np.int64), per_image.sum(axis=0))
     if spec.variant == "official":
         totals = per_image.sum(axis=0)
-        s = np.where(totals > 0, np.minimum(1.0, np.array(plan.targets) / np.maximum(totals, 1)), 1.0)
+        s = np.where(
+            totals > 0, np.minimum(1.0, np.array(plan.targets) / np.maximum(totals, 1)), 1.0
+        )
         return per_image - (per_image - per_image * s).astype(np.int64)
     rng = np.random.default_rng(seed)
     remaining = per_image.sum(axis=0)
@@ -265,7 +285,9 @@ def allot(out: Path, count: int, spec: GeneratorSpec, plan: Plan, seed: int) -> 
             c = int(per_image[i, j])
             if c == 0:
                 continue
-            out_counts[i, j] = _draw_hypergeometric(rng, int(quota[j]), int(remaining[j] - quota[j]), c)
+            out_counts[i, j] = _draw_hypergeometric(
+                rng, int(quota[j]), int(remaining[j] - quota[j]), c
+            )
             quota[j] -= out_counts[i, j]
             remaining[j] -= c
     return out_counts
@@ -295,17 +317,23 @@ def write_labels(
     """Pass 4: this process's share of label PNGs, skipping those already written."""
     rank, world = (ctx.rank, ctx.world_size) if ctx else (0, 1)
     thresholds = _threshold_tensor(plan)
-    todo = [i for i in range(rank, len(samples), world) if not _label_path(out, i, samples[i]).is_file()]
+    todo = [
+        i for i in range(rank, len(samples), world) if not _label_path(out, i, samples[i]).is_file()
+    ]
     for i in tqdm(todo, desc="write pseudo labels", disable=not progress, dynamic_ncols=True):
         conf, pred = _load_cache(out, i)
         labels = torch.where(_candidates(conf, pred, thresholds), pred.long(), IGNORE)
         if allotment is not None:
             labels = _subsample(labels, allotment[i], seed, i)
         image = Image.fromarray(labels.to(torch.uint8).numpy(), mode="L")
-        atomic_write(_label_path(out, i, samples[i]), lambda tmp, im=image: im.save(tmp, format="PNG"))
+        atomic_write(
+            _label_path(out, i, samples[i]), lambda tmp, im=image: im.save(tmp, format="PNG")
+        )
 
 
-def _subsample(labels: torch.Tensor, keep_counts: np.ndarray, seed: int, index: int) -> torch.Tensor:
+def _subsample(
+    labels: torch.Tensor, keep_counts: np.ndarray, seed: int, index: int
+) -> torch.Tensor:
     """Keep `keep_counts[j]` uniformly chosen pixels of each class j of one image."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
     flat = labels.flatten().clone()
@@ -356,7 +384,9 @@ def generate(
     device = device or torch.device("cpu")
     teacher = teacher or TeacherSpec()
     is_main = ctx is None or ctx.is_main
-    predict_set(model, samples, fmt, num_classes, out, spec, teacher, device, ctx, progress and is_main)
+    predict_set(
+        model, samples, fmt, num_classes, out, spec, teacher, device, ctx, progress and is_main
+    )
     if ctx is not None:
         barrier(ctx)
     ratio = class_ratio(labeled_counts) if labeled_counts is not None else None
@@ -386,7 +416,9 @@ def generate(
     return json.loads(done.read_text())
 
 
-def _count_stats(hist: ConfidenceHistogram, plan: Plan, ratio: torch.Tensor | None, counts: torch.Tensor) -> dict:
+def _count_stats(
+    hist: ConfidenceHistogram, plan: Plan, ratio: torch.Tensor | None, counts: torch.Tensor
+) -> dict:
     """Class counts at each stage and their KL divergence to the labeled distribution."""
     pixels = int(hist.counts.sum())
     return {
@@ -398,7 +430,9 @@ def _count_stats(hist: ConfidenceHistogram, plan: Plan, ratio: torch.Tensor | No
         "thresholded": plan.kept,
         "final": counts.tolist(),
         "labeled_fraction": float(counts.sum()) / max(pixels, 1),
-        "kl_thresholded": kl_divergence(ratio, torch.tensor(plan.kept)) if ratio is not None else None,
+        "kl_thresholded": kl_divergence(ratio, torch.tensor(plan.kept))
+        if ratio is not None
+        else None,
         "kl_final": kl_divergence(ratio, counts) if ratio is not None else None,
     }
 
@@ -426,18 +460,36 @@ def pseudo_label_checkpoint(
         fmt = get_format(cfg.data.format, num_classes, ckpt["class_names"], root=root)
         unlabeled_list = unlabeled or cfg.data.unlabeled
         if not unlabeled_list:
-            raise ConfigError(f"{checkpoint}: its config has no data.unlabeled; pass --unlabeled LIST")
+            raise ConfigError(
+                f"{checkpoint}: its config has no data.unlabeled; pass --unlabeled LIST"
+            )
         samples = read_split(resolve_list(unlabeled_list, root), root, require_mask=False)
         counts = None
         if spec.method in ("da", "dars") or labeled or cfg.data.labeled:
-            labeled_samples = read_split(resolve_list(labeled or cfg.data.labeled, root), root, require_mask=True)
-            counts = labeled_class_counts(labeled_samples, fmt, num_classes, progress and ctx.is_main)
+            labeled_samples = read_split(
+                resolve_list(labeled or cfg.data.labeled, root), root, require_mask=True
+            )
+            counts = labeled_class_counts(
+                labeled_samples, fmt, num_classes, progress and ctx.is_main
+            )
         size = cfg.data.eval_size or cfg.data.crop_size
-        teacher = TeacherSpec(cfg.data.eval_mode, None if cfg.data.eval_mode == "none" else size, flip)
+        teacher = TeacherSpec(
+            cfg.data.eval_mode, None if cfg.data.eval_mode == "none" else size, flip
+        )
         stats = generate(
-            model, samples, fmt, num_classes, out, spec,
-            labeled_counts=counts, teacher=teacher, seed=seed, device=ctx.device,
-            ctx=ctx if ctx.distributed else None, root=root, progress=progress and ctx.is_main,
+            model,
+            samples,
+            fmt,
+            num_classes,
+            out,
+            spec,
+            labeled_counts=counts,
+            teacher=teacher,
+            seed=seed,
+            device=ctx.device,
+            ctx=ctx if ctx.distributed else None,
+            root=root,
+            progress=progress and ctx.is_main,
         )
         return stats, list(ckpt["class_names"])
     finally:
@@ -449,13 +501,22 @@ def format_stats(stats: dict, class_names: list[str]) -> str:
     threshold, pixels kept; then the KL divergences and the labeled fraction."""
     ratio = stats.get("labeled_ratio")
     targets = stats.get("targets")
-    lines = [f"{'class':<14}{'labeled %':>10}{'target':>12}{'thresholded':>13}{'kept':>12}", "-" * 61]
+    lines = [
+        f"{'class':<14}{'labeled %':>10}{'target':>12}{'thresholded':>13}{'kept':>12}",
+        "-" * 61,
+    ]
     for j, name in enumerate(class_names):
         share = f"{100 * ratio[j]:.2f}" if ratio else "-"
         target = str(targets[j]) if targets else "-"
-        lines.append(f"{name:<14}{share:>10}{target:>12}{stats['thresholded'][j]:>13}{stats['final'][j]:>12}")
+        lines.append(
+            f"{name:<14}{share:>10}{target:>12}{stats['thresholded'][j]:>13}{stats['final'][j]:>12}"
+        )
     lines.append("-" * 61)
-    lines.append(f"pseudo-labeled pixels: {100 * stats['labeled_fraction']:.2f} % of {stats['pixels']}")
+    lines.append(
+        f"pseudo-labeled pixels: {100 * stats['labeled_fraction']:.2f} % of {stats['pixels']}"
+    )
     if stats.get("kl_final") is not None:
-        lines.append(f"KL(labeled || pseudo): {stats['kl_thresholded']:.4f} after thresholds, {stats['kl_final']:.4f} final")
+        lines.append(
+            f"KL(labeled || pseudo): {stats['kl_thresholded']:.4f} after thresholds, {stats['kl_final']:.4f} final"
+        )
     return "\n".join(lines)

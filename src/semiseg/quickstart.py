@@ -24,7 +24,12 @@ QUICKSTART = {
         "batch_size": 8,
         "workers": 1,
     },
-    "model": {"name": "deeplabv3plus", "backbone": "efficientnet_lite0", "pretrained": "imagenet", "output_stride": 16},
+    "model": {
+        "name": "deeplabv3plus",
+        "backbone": "efficientnet_lite0",
+        "pretrained": "imagenet",
+        "output_stride": 16,
+    },
     "optim": {"lr": 0.01, "head_lr_mult": 10.0, "weight_decay": 1e-4},
     "scheme": {"name": "supervised"},
     "train": {"iterations": 300, "eval_every": 100, "log_every": 10, "seed": 0, "device": "auto"},
@@ -53,7 +58,9 @@ def run_quickstart(workdir: Path, iterations: int | None = None, restart: bool =
     labeled, unlabeled = make_split(train_samples, fraction=1 / 8, seed=0)
     write_split(workdir / "splits" / "labeled.txt", labeled, data_root)
     write_split(workdir / "splits" / "unlabeled.txt", unlabeled, data_root)
-    print(f"synthetic data in {data_root}: {len(labeled)} labeled / {len(unlabeled)} unlabeled training images")
+    print(
+        f"synthetic data in {data_root}: {len(labeled)} labeled / {len(unlabeled)} unlabeled training images"
+    )
 
     cfg = config_from_dict(quickstart_config(workdir, iterations))
     trainer = Trainer(cfg, restart=restart)
@@ -62,5 +69,7 @@ def run_quickstart(workdir: Path, iterations: int | None = None, restart: bool =
     scores = trainer.last_scores or trainer.evaluate()
     print(f"\nsupervised-only, {len(labeled)} labeled images, {cfg.train.iterations} iterations")
     print(format_scores(scores, trainer.data.class_names))
-    print(f"\nrun folder: {cfg.output_dir} (config.yaml, metrics.jsonl, tensorboard/, best.pt, latest.pt)")
+    print(
+        f"\nrun folder: {cfg.output_dir} (config.yaml, metrics.jsonl, tensorboard/, best.pt, latest.pt)"
+    )
     return result

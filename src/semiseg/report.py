@@ -49,16 +49,22 @@ def _save(fig, path: Path, tight: bool = True) -> Path:
     return path
 
 
-def truncated_pdf(x: np.ndarray, mu: float, sigma: float, low: float, high: float = 1.0) -> np.ndarray:
+def truncated_pdf(
+    x: np.ndarray, mu: float, sigma: float, low: float, high: float = 1.0
+) -> np.ndarray:
     """Density of N(mu, sigma^2) truncated to [low, high] (DAW Eq. 3-4)."""
     a, b = (low - mu) / sigma, (high - mu) / sigma
     return truncnorm.pdf(x, a, b, loc=mu, scale=sigma)
 
 
-def plot_daw_fits(records: list[dict], num_classes: int, out: Path, iterations: Sequence[int] | None = None) -> Path:
+def plot_daw_fits(
+    records: list[dict], num_classes: int, out: Path, iterations: Sequence[int] | None = None
+) -> Path:
     fits = [r for r in records if r["split"] == "train" and all(k in r for k in FIT_KEYS)]
     if not fits:
-        raise ValueError("no DAW statistics (policy/mu_pos, ...) in this run's metrics: was it trained with policy.name=daw?")
+        raise ValueError(
+            "no DAW statistics (policy/mu_pos, ...) in this run's metrics: was it trained with policy.name=daw?"
+        )
     if iterations:
         wanted = [min(fits, key=lambda r, i=i: abs(r["iteration"] - i)) for i in iterations]
     else:
@@ -69,12 +75,28 @@ def plot_daw_fits(records: list[dict], num_classes: int, out: Path, iterations: 
     low = 1.0 / num_classes
     x = np.linspace(low, 1.0, 400)
     for ax, r in zip(axes[0], wanted, strict=True):
-        ax.plot(x, truncated_pdf(x, r["policy/mu_pos"], r["policy/sigma_pos"], low), label="correct", color="#2a9d8f")
-        ax.plot(x, truncated_pdf(x, r["policy/mu_neg"], r["policy/sigma_neg"], low), label="incorrect", color="#e76f51")
+        ax.plot(
+            x,
+            truncated_pdf(x, r["policy/mu_pos"], r["policy/sigma_pos"], low),
+            label="correct",
+            color="#2a9d8f",
+        )
+        ax.plot(
+            x,
+            truncated_pdf(x, r["policy/mu_neg"], r["policy/sigma_neg"], low),
+            label="incorrect",
+            color="#e76f51",
+        )
         t = r["policy/t"]
         # An early, ill-conditioned t* can fall outside [1/C, 1]; draw it at the edge, say so.
         outside = "" if low <= t <= 1 else " (outside [1/C, 1])"
-        ax.axvline(min(max(t, low), 1.0), color="black", linestyle="--", linewidth=1, label=f"t* = {t:.3f}{outside}")
+        ax.axvline(
+            min(max(t, low), 1.0),
+            color="black",
+            linestyle="--",
+            linewidth=1,
+            label=f"t* = {t:.3f}{outside}",
+        )
         ax.set_xlim(low, 1.0)
         ax.set_ylim(bottom=0)
         ax.set_title(f"iteration {r['iteration']}")
@@ -113,9 +135,15 @@ def plot_accuracy_comparison(runs: dict[str, list[dict]], out: Path) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for name, records in runs.items():
-        points = [(r["iteration"], r["oracle/acc_weighted"]) for r in records if r["split"] == "train" and "oracle/acc_weighted" in r]
+        points = [
+            (r["iteration"], r["oracle/acc_weighted"])
+            for r in records
+            if r["split"] == "train" and "oracle/acc_weighted" in r
+        ]
         if not points:
-            raise ValueError(f"{name}: no oracle/acc_weighted in its metrics (train it with scheme.oracle_eval=true)")
+            raise ValueError(
+                f"{name}: no oracle/acc_weighted in its metrics (train it with scheme.oracle_eval=true)"
+            )
         ax.plot(*zip(*points, strict=True), label=name)
     ax.set_xlabel("iteration")
     ax.set_ylabel("weight-averaged pseudo-label accuracy")
@@ -133,9 +161,13 @@ STPG_SHARES = {
 def plot_stpg_mismatch(records: list[dict], class_names: Sequence[str], out: Path) -> Path:
     """STPG's pixel selection over training: the class mismatch score I_q of every class
     (Eq. 5) and the shares of consistent, highly and lowly mismatched pixels (Eq. 6)."""
-    train = [r for r in records if r["split"] == "train" and all(k in r for k in STPG_SHARES.values())]
+    train = [
+        r for r in records if r["split"] == "train" and all(k in r for k in STPG_SHARES.values())
+    ]
     if not train:
-        raise ValueError("no STPG selection statistics (stpg/share_consistent, ...) in this run's metrics")
+        raise ValueError(
+            "no STPG selection statistics (stpg/share_consistent, ...) in this run's metrics"
+        )
     steps = [r["iteration"] for r in train]
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.6))
@@ -145,12 +177,20 @@ def plot_stpg_mismatch(records: list[dict], class_names: Sequence[str], out: Pat
         if points:
             # tab10 repeats from the 11th class on (CamVid has 11): 20 colours, then dashes for VOC's 21
             style = "-" if c < 20 else "--"
-            left.plot(*zip(*points, strict=True), label=name, linewidth=1, color=plt.cm.tab20(c % 20), linestyle=style)
+            left.plot(
+                *zip(*points, strict=True),
+                label=name,
+                linewidth=1,
+                color=plt.cm.tab20(c % 20),
+                linestyle=style,
+            )
     left.set_xlabel("iteration")
     left.set_ylabel("class mismatch score I (Eq. 5)")
     left.set_ylim(0, 2)
     left.legend(fontsize=6, ncol=2)
-    right.stackplot(steps, *[[r[k] for r in train] for k in STPG_SHARES.values()], labels=list(STPG_SHARES))
+    right.stackplot(
+        steps, *[[r[k] for r in train] for k in STPG_SHARES.values()], labels=list(STPG_SHARES)
+    )
     right.set_xlabel("iteration")
     right.set_ylabel("share of unlabeled pixels")
     right.set_ylim(0, 1)
@@ -165,11 +205,15 @@ def plot_fpl_k_histogram(records: list[dict], out: Path) -> Path:
     """Share of unlabeled pixels with K = 1, 2, 3, >= 4 over training (FPL Fig. 4a), stacked."""
     train = [r for r in records if r["split"] == "train" and all(k in r for k in K_KEYS)]
     if not train:
-        raise ValueError("no FPL K statistics (fpl/k1, ...) in this run's metrics: was it trained with loss.name=fpl?")
+        raise ValueError(
+            "no FPL K statistics (fpl/k1, ...) in this run's metrics: was it trained with loss.name=fpl?"
+        )
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     steps = [r["iteration"] for r in train]
-    ax.stackplot(steps, *[[r[k] for r in train] for k in K_KEYS], labels=["K=1", "K=2", "K=3", "K>=4"])
+    ax.stackplot(
+        steps, *[[r[k] for r in train] for k in K_KEYS], labels=["K=1", "K=2", "K=3", "K>=4"]
+    )
     ax.set_xlabel("iteration")
     ax.set_ylabel("share of unlabeled pixels")
     ax.set_ylim(0, 1)
@@ -184,13 +228,25 @@ def plot_fpl_gradient_scores(records: list[dict], out: Path) -> Path:
     means = {}
     for name in ("R", "R_ce"):
         for case in (1, 2, 3):
-            values = [r[f"fpl/{name}_case{case}"] for r in train if np.isfinite(r.get(f"fpl/{name}_case{case}", np.nan))]
+            values = [
+                r[f"fpl/{name}_case{case}"]
+                for r in train
+                if np.isfinite(r.get(f"fpl/{name}_case{case}", np.nan))
+            ]
             means[name, case] = float(np.mean(values)) if values else np.nan
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.2))
     cases = np.arange(1, 4)
-    ax.bar(cases - 0.18, [means["R_ce", c] for c in cases], width=0.36, label="cross-entropy (R^v)", color="#8d99ae")
-    ax.bar(cases + 0.18, [means["R", c] for c in cases], width=0.36, label="FPL (R^f)", color="#e76f51")
+    ax.bar(
+        cases - 0.18,
+        [means["R_ce", c] for c in cases],
+        width=0.36,
+        label="cross-entropy (R^v)",
+        color="#8d99ae",
+    )
+    ax.bar(
+        cases + 0.18, [means["R", c] for c in cases], width=0.36, label="FPL (R^f)", color="#e76f51"
+    )
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(cases, ["1: PL right", "2: truth in set", "3: truth outside"])
     ax.set_ylabel("mean positive gradient score R")
@@ -208,12 +264,16 @@ def plot_fpl_k_maps(snapshots: list[dict], out: Path, columns: int = 4) -> Path:
     chosen = [snapshots[i] for i in sorted(set(picks))]
     rows = chosen[0]["images"].shape[0]
     plt = _pyplot()
-    fig, axes = plt.subplots(rows, len(chosen) + 1, figsize=(2.6 * (len(chosen) + 1), 2.1 * rows), squeeze=False)
+    fig, axes = plt.subplots(
+        rows, len(chosen) + 1, figsize=(2.6 * (len(chosen) + 1), 2.1 * rows), squeeze=False
+    )
     cmap = plt.get_cmap("viridis", 4)
     for row in range(rows):
         axes[row, 0].imshow(chosen[0]["images"][row])
         for col, snap in enumerate(chosen, start=1):
-            shown = axes[row, col].imshow(np.minimum(snap["k"][row], 4), cmap=cmap, vmin=0.5, vmax=4.5)
+            shown = axes[row, col].imshow(
+                np.minimum(snap["k"][row], 4), cmap=cmap, vmin=0.5, vmax=4.5
+            )
             if row == 0:
                 axes[row, col].set_title(f"K, iteration {snap['iteration']}", fontsize=9)
     for ax in axes.flat:

@@ -36,7 +36,9 @@ def round_dir(cfg: Config, k: int) -> Path:
     return Path(cfg.output_dir) / f"round{k}"
 
 
-def widened_scale(scale: list[float] | tuple[float, float], beta_min: float, beta_max: float) -> list[float]:
+def widened_scale(
+    scale: list[float] | tuple[float, float], beta_min: float, beta_max: float
+) -> list[float]:
     """Sec. 3.3: [s_min, s_max] -> [(1 - beta_min) s_min, (1 + beta_max) s_max]."""
     return [(1 - beta_min) * scale[0], (1 + beta_max) * scale[1]]
 
@@ -137,7 +139,10 @@ def _rounds(cfg: Config, restart: bool, progress: bool) -> dict:
                 "alpha": cfg.selftrain.alpha[k - 1],
                 "scale_range": round_cfg.data.scale_range,
                 **_scores(final),
-                **{key: stats.get(key) for key in ("kl_thresholded", "kl_final", "targets", "thresholded", "final")},
+                **{
+                    key: stats.get(key)
+                    for key in ("kl_thresholded", "kl_final", "targets", "thresholded", "final")
+                },
             }
         )
     last = rounds[-1]
@@ -153,4 +158,8 @@ def _rounds(cfg: Config, restart: bool, progress: bool) -> dict:
 
 def _scores(final: dict) -> dict:
     scores = final.get("final", {})
-    return {"best_miou": final.get("best_miou"), "miou": scores.get("miou"), "tail_miou": scores.get("tail_miou")}
+    return {
+        "best_miou": final.get("best_miou"),
+        "miou": scores.get("miou"),
+        "tail_miou": scores.get("tail_miou"),
+    }

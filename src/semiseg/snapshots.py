@@ -29,7 +29,12 @@ KMAP_IMAGES = 4
 
 @torch.no_grad()
 def save_fpl_k_maps(
-    model: nn.Module, samples: list[Sample], fmt: DatasetFormat, cfg: Config, iteration: int, device: torch.device
+    model: nn.Module,
+    samples: list[Sample],
+    fmt: DatasetFormat,
+    cfg: Config,
+    iteration: int,
+    device: torch.device,
 ) -> Path:
     """Write {'images': uint8 [N,h,w,3], 'k': uint8 [N,h,w], 'iteration'} for the first
     `KMAP_IMAGES` of `samples` to RUN/fpl_kmaps/iter_NNNNNN.npz (atomically)."""
@@ -58,5 +63,7 @@ def load_k_maps(run: Path) -> list[dict]:
     out = []
     for path in sorted((run / KMAP_DIR).glob("iter_*.npz")):
         with np.load(path) as data:
-            out.append({"iteration": int(data["iteration"]), "images": data["images"], "k": data["k"]})
+            out.append(
+                {"iteration": int(data["iteration"]), "images": data["images"], "k": data["k"]}
+            )
     return out

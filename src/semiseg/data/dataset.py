@@ -122,7 +122,11 @@ class SegmentationDataset(torch.utils.data.Dataset):
         return labels
 
     def _transform(
-        self, image: tv_tensors.Image, mask: tv_tensors.Mask | None, seed: int | None, **extra: torch.Tensor
+        self,
+        image: tv_tensors.Image,
+        mask: tv_tensors.Mask | None,
+        seed: int | None,
+        **extra: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
         if seed is None:
             return self.transform(image, mask, **extra)

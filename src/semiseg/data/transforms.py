@@ -319,7 +319,10 @@ class UnlabeledTransform:
         self.cutmix = {"p": cutmix_p, "count": cutmix_boxes, "side": cutmix_side}
 
     def __call__(
-        self, image: torch.Tensor, mask: torch.Tensor | None = None, detections: torch.Tensor | None = None
+        self,
+        image: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        detections: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         height, width = image.shape[-2:]
         ignore = self.weak.ignore_index
@@ -330,7 +333,9 @@ class UnlabeledTransform:
         if mask is None:
             marker = torch.zeros(height, width, dtype=torch.int64)
         else:
-            marker = torch.where(mask == ignore, _ORACLE_VOID, mask.as_subclass(torch.Tensor).long())
+            marker = torch.where(
+                mask == ignore, _ORACLE_VOID, mask.as_subclass(torch.Tensor).long()
+            )
         if detections is not None:
             marker = marker + _DETECTION_SHIFT * detections.as_subclass(torch.Tensor).long()
         crop, marker = self.weak.geometric(image, marker)

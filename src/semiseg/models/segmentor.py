@@ -55,7 +55,13 @@ class SegmentationModel(nn.Module):
         feature_dim: D, channels of ``SegmentationOutput.features``.
     """
 
-    def __init__(self, backbone: Backbone, head: nn.Module, num_classes: int, projection_dim: int | None = None):
+    def __init__(
+        self,
+        backbone: Backbone,
+        head: nn.Module,
+        num_classes: int,
+        projection_dim: int | None = None,
+    ):
         super().__init__()
         self.backbone = backbone
         self.head = head
@@ -100,7 +106,9 @@ class SegmentationModel(nn.Module):
         head_out = self.head(feats)
         aux = None if head_out.aux is None else _resize(head_out.aux, size)
         projection = None if self.projector is None else self.projector(head_out.features)
-        return SegmentationOutput(_resize(head_out.logits, size), head_out.features, aux, projection)
+        return SegmentationOutput(
+            _resize(head_out.logits, size), head_out.features, aux, projection
+        )
 
     def backbone_parameters(self) -> Iterator[nn.Parameter]:
         """Encoder parameters (base learning rate)."""

@@ -12,7 +12,8 @@ from semiseg.pseudo.rankweight import RankWeighting
 from semiseg.pseudo.threshold import ConstantPolicy, PowerPolicy, ThresholdPolicy
 
 POLICIES: dict[str, type[Policy]] = {
-    cls.name: cls for cls in (ConstantPolicy, ThresholdPolicy, PowerPolicy, DAWeighting, RankWeighting)
+    cls.name: cls
+    for cls in (ConstantPolicy, ThresholdPolicy, PowerPolicy, DAWeighting, RankWeighting)
 }
 
 

@@ -73,7 +73,11 @@ class Policy:
 
     @torch.no_grad()
     def __call__(
-        self, probs: Tensor, valid: Tensor | None = None, features: Tensor | None = None, detections: Tensor | None = None
+        self,
+        probs: Tensor,
+        valid: Tensor | None = None,
+        features: Tensor | None = None,
+        detections: Tensor | None = None,
     ) -> PseudoLabels:
         """Pseudo labels for softmax probabilities `probs` [B,C,H,W] of the teacher.
 
@@ -84,7 +88,9 @@ class Policy:
         """
         valid = self._valid_mask(probs, valid)
         if self.needs_features:
-            confidence, target, weight = self._select_with(probs.float(), valid, features, detections)
+            confidence, target, weight = self._select_with(
+                probs.float(), valid, features, detections
+            )
         else:
             confidence, target, weight = self._select(probs.float(), valid)
         return PseudoLabels(

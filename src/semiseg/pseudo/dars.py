@@ -65,7 +65,9 @@ def _check_alpha(alpha: float) -> None:
 
 def _check_maps(conf: Tensor, pred: Tensor) -> None:
     if conf.shape != pred.shape:
-        raise ValueError(f"conf {tuple(conf.shape)} and pred {tuple(pred.shape)} must have the same shape")
+        raise ValueError(
+            f"conf {tuple(conf.shape)} and pred {tuple(pred.shape)} must have the same shape"
+        )
 
 
 def nth_largest(values: Tensor, n: int) -> float | None:
@@ -77,7 +79,9 @@ def nth_largest(values: Tensor, n: int) -> float | None:
     return float(values.topk(n).values[-1])
 
 
-def st_labels(conf: Tensor, pred: Tensor, threshold: float | None = None, alpha: float | None = None) -> Tensor:
+def st_labels(
+    conf: Tensor, pred: Tensor, threshold: float | None = None, alpha: float | None = None
+) -> Tensor:
     """ST: keep pixels with conf >= `threshold`, or (given `alpha`) the top alpha of all
     pixels: conf >= the int(alpha * #pixels)-th largest confidence, ties kept."""
     _check_maps(conf, pred)
@@ -124,7 +128,11 @@ def da_labels(conf: Tensor, pred: Tensor, ratio: Tensor, alpha: float) -> Tensor
 
 
 def dars_labels(
-    conf: Tensor, pred: Tensor, class_ratio: Tensor, alpha: float, generator: torch.Generator | None = None
+    conf: Tensor,
+    pred: Tensor,
+    class_ratio: Tensor,
+    alpha: float,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
     """DARS (Alg. 1): distribution alignment, then random sampling to exactly n_j per class.
 
@@ -187,7 +195,9 @@ class ConfidenceHistogram:
         _check_maps(conf, pred)
         pred = pred.flatten().long().cpu()
         if pred.numel() and (pred.min() < 0 or pred.max() >= self.num_classes):
-            raise ValueError(f"predicted classes must be in [0, {self.num_classes}), got {int(pred.max())}")
+            raise ValueError(
+                f"predicted classes must be in [0, {self.num_classes}), got {int(pred.max())}"
+            )
         index = pred * HALF_BINS + half_bits(conf.flatten().cpu())
         self.counts += torch.bincount(index, minlength=self.counts.numel()).view_as(self.counts)
 

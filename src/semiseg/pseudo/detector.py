@@ -54,7 +54,9 @@ def box_class_map(boxes: Tensor, labels: Tensor, num_classes: int, size: tuple[i
 
 def _in_predicted_box(pred: Tensor, boxes_map: Tensor) -> Tensor:
     """bool [B,H,W]: the pixel lies inside a detected box of its predicted class."""
-    return boxes_map.gather(1, pred.long().clamp(max=boxes_map.shape[1] - 1).unsqueeze(1)).squeeze(1)
+    return boxes_map.gather(1, pred.long().clamp(max=boxes_map.shape[1] - 1).unsqueeze(1)).squeeze(
+        1
+    )
 
 
 def reliable_pixels(pred: Tensor, conf: Tensor, boxes_map: Tensor, threshold: float) -> Tensor:
@@ -64,7 +66,9 @@ def reliable_pixels(pred: Tensor, conf: Tensor, boxes_map: Tensor, threshold: fl
     return _in_predicted_box(pred, boxes_map) & (conf >= threshold)
 
 
-def box_agreement_counts(pred: Tensor, conf: Tensor, target: Tensor, boxes_map: Tensor, threshold: float) -> Tensor:
+def box_agreement_counts(
+    pred: Tensor, conf: Tensor, target: Tensor, boxes_map: Tensor, threshold: float
+) -> Tensor:
     """Pseudo-label precision counts of the three pixel groups of the supplement's Table 1.
 
     Pixel: confidence >= `threshold`; Pixel ∩ BBox: those inside a detected box of their

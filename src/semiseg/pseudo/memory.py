@@ -55,7 +55,11 @@ class FeatureBank:
     @torch.no_grad()
     def push(self, features: Tensor, labels: Tensor) -> None:
         """Add features [N,D] of pixels of classes `labels` [N] (255 and out-of-range ignored)."""
-        if features.dim() != 2 or features.shape[1] != self.dim or labels.shape != features.shape[:1]:
+        if (
+            features.dim() != 2
+            or features.shape[1] != self.dim
+            or labels.shape != features.shape[:1]
+        ):
             raise ValueError(
                 f"push takes features [N,{self.dim}] and labels [N], got {tuple(features.shape)} and {tuple(labels.shape)}"
             )
@@ -95,11 +99,17 @@ class FeatureBank:
         return total / count.clamp(min=1).unsqueeze(1), valid
 
     def state_dict(self) -> dict:
-        return {"queues": self.queues.clone(), "counts": self.counts.clone(), "generator": self.generator.get_state()}
+        return {
+            "queues": self.queues.clone(),
+            "counts": self.counts.clone(),
+            "generator": self.generator.get_state(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if tuple(state["queues"].shape) != tuple(self.queues.shape):
-            raise ValueError(f"bank state of shape {tuple(state['queues'].shape)} given to a bank of {tuple(self.queues.shape)}")
+            raise ValueError(
+                f"bank state of shape {tuple(state['queues'].shape)} given to a bank of {tuple(self.queues.shape)}"
+            )
         self.queues.copy_(state["queues"])
         self.counts.copy_(state["counts"])
         self.generator.set_state(state["generator"])

@@ -101,7 +101,9 @@ def rank_weight(
     return _pick(s, pseudo_label, k, prototype_valid, variant)
 
 
-def _pick(s: Tensor, pseudo_label: Tensor, k: int, prototype_valid: Tensor | None, variant: Variant) -> Tensor:
+def _pick(
+    s: Tensor, pseudo_label: Tensor, k: int, prototype_valid: Tensor | None, variant: Variant
+) -> Tensor:
     """The weight of each pixel's own pseudo class from the overlap table s [B,C,H,W]."""
     label = pseudo_label.clamp(max=s.shape[1] - 1)
     weight = _weights_from_overlap(s.gather(1, label.unsqueeze(1)).squeeze(1), k, variant)
@@ -125,7 +127,10 @@ def cosine_table(features: Tensor, prototypes: Tensor) -> Tensor:
 
 
 def cosine_weight(
-    features: Tensor, prototypes: Tensor, pseudo_label: Tensor, prototype_valid: Tensor | None = None
+    features: Tensor,
+    prototypes: Tensor,
+    pseudo_label: Tensor,
+    prototype_valid: Tensor | None = None,
 ) -> Tensor:
     """Cosine-similarity weight of each pixel's pseudo class, [B,H,W] (conventions of
     `rank_weight`: 1 without a prototype, 0 without a pseudo label)."""
@@ -194,8 +199,14 @@ class RankWeighting(Policy):
         if variant not in ("paper", "official"):
             raise ValueError(f"variant must be 'paper' or 'official', got {variant!r}")
         if rppi and not detector_classes:
-            raise ValueError("RPPI needs the detector's classes (detector.classes); or set rppi off (PPW alone)")
-        self.base: Policy = ThresholdPolicy(num_classes, threshold) if base == "threshold" else PowerPolicy(num_classes, power)
+            raise ValueError(
+                "RPPI needs the detector's classes (detector.classes); or set rppi off (PPW alone)"
+            )
+        self.base: Policy = (
+            ThresholdPolicy(num_classes, threshold)
+            if base == "threshold"
+            else PowerPolicy(num_classes, power)
+        )
         self.k, self.bank_size, self.per_update = k, bank_size, per_update
         self.similarity, self.variant, self.rppi = similarity, variant, rppi
         self.reliable_threshold = reliable_threshold
@@ -233,19 +244,26 @@ class RankWeighting(Policy):
         self, probs: Tensor, valid: Tensor, features: Tensor | None, detections: Tensor | None
     ) -> tuple[Tensor, Tensor, Tensor]:
         if features is None:
-            raise ValueError("the rankweight policy needs the teacher's features (schemes fixmatch and unimatch pass them)")
+            raise ValueError(
+                "the rankweight policy needs the teacher's features (schemes fixmatch and unimatch pass them)"
+            )
         confidence, target, base_weight = self.base._select(probs, valid)
         labeled, unlabeled = self._banks(features.shape[1])
         if self.rppi:
             prototypes, prototype_valid = combined_prototypes(labeled, unlabeled)
         else:
             prototypes, prototype_valid = labeled.prototypes()
-        prototypes, prototype_valid = prototypes.to(features.device), prototype_valid.to(features.device)
+        prototypes, prototype_valid = (
+            prototypes.to(features.device),
+            prototype_valid.to(features.device),
+        )
         label = target.masked_fill(~valid, IGNORE_INDEX)
         if self.similarity == "rank":
             w = rank_weight(features, prototypes, label, self.k, prototype_valid, self.variant)
         else:
-            table = F.interpolate(cosine_table(features, prototypes), size=label.shape[-2:], mode="nearest")
+            table = F.interpolate(
+                cosine_table(features, prototypes), size=label.shape[-2:], mode="nearest"
+            )
             w = _finish(table.gather(1, target.unsqueeze(1)).squeeze(1), label, prototype_valid)
         used = valid & (base_weight > 0)
         self._logs = {
@@ -254,8 +272,14 @@ class RankWeighting(Policy):
         }
         if self.rppi:
             if detections is None:
-                raise ValueError("RPPI needs detector boxes for the unlabeled images (run `semiseg detector detect`)")
-            reliable = valid & self.inside_box(target, detections) & (confidence >= self.reliable_threshold)
+                raise ValueError(
+                    "RPPI needs detector boxes for the unlabeled images (run `semiseg detector detect`)"
+                )
+            reliable = (
+                valid
+                & self.inside_box(target, detections)
+                & (confidence >= self.reliable_threshold)
+            )
             size = tuple(features.shape[-2:])
             on_grid = _to_grid(reliable, size)
             unlabeled.push(_pixels(features, on_grid), _to_grid(target, size)[on_grid])
@@ -270,14 +294,21 @@ class RankWeighting(Policy):
     def diagnostics(self) -> dict[str, float]:
         logs = dict(self._logs)
         if self.labeled_bank is not None and self.unlabeled_bank is not None:
-            logs["labeled_bank_fill"] = float(self.labeled_bank.counts.sum()) / (self.num_classes * self.bank_size)
-            logs["unlabeled_bank_fill"] = float(self.unlabeled_bank.counts.sum()) / (self.num_classes * self.bank_size)
+            logs["labeled_bank_fill"] = float(self.labeled_bank.counts.sum()) / (
+                self.num_classes * self.bank_size
+            )
+            logs["unlabeled_bank_fill"] = float(self.unlabeled_bank.counts.sum()) / (
+                self.num_classes * self.bank_size
+            )
         return logs
 
     def state_dict(self) -> dict:
         banks = None
         if self.labeled_bank is not None and self.unlabeled_bank is not None:
-            banks = {"labeled": self.labeled_bank.state_dict(), "unlabeled": self.unlabeled_bank.state_dict()}
+            banks = {
+                "labeled": self.labeled_bank.state_dict(),
+                "unlabeled": self.unlabeled_bank.state_dict(),
+            }
         return {**super().state_dict(), "banks": banks}
 
     def load_state_dict(self, state: dict) -> None:

@@ -29,7 +29,9 @@ IGNORE_INDEX = 255
 Selection = Literal["cons", "cons+lmis", "cons+hmis", "all"]
 
 
-def confusion(pred_student: Tensor, pred_teacher: Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX) -> Tensor:
+def confusion(
+    pred_student: Tensor, pred_teacher: Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX
+) -> Tensor:
     """m [C,C] int64 with m[p, q] = #(student predicts p and teacher predicts q); pixels where
     either is `ignore_index` are left out."""
     keep = (pred_student != ignore_index) & (pred_teacher != ignore_index)
@@ -37,7 +39,9 @@ def confusion(pred_student: Tensor, pred_teacher: Tensor, num_classes: int, igno
     return torch.bincount(index, minlength=num_classes * num_classes).view(num_classes, num_classes)
 
 
-def mismatch_scores(pred_student: Tensor, pred_teacher: Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX) -> Tensor:
+def mismatch_scores(
+    pred_student: Tensor, pred_teacher: Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX
+) -> Tensor:
     """Eq. 5: I_q = (row_q - m_qq) / row_q + (col_q - m_qq) / col_q, float [C] in [0, 2].
 
     The first term is the share of the student's class-q pixels the teacher calls otherwise,
@@ -58,7 +62,9 @@ def select_professional(pred_student: Tensor, pred_teacher: Tensor, scores: Tens
     return selection_mask(pred_student, pred_teacher, scores, "cons+hmis")
 
 
-def selection_mask(pred_student: Tensor, pred_teacher: Tensor, scores: Tensor, selection: Selection) -> Tensor:
+def selection_mask(
+    pred_student: Tensor, pred_teacher: Tensor, scores: Tensor, selection: Selection
+) -> Tensor:
     """The pixels of Gen-Teacher's pseudo labels that supervise Pro-Student, for the paper's
     Table 5 ablation: 'cons' (consistent only), 'cons+lmis', 'cons+hmis' (the method) or
     'all'. Low-mismatch pixels are the inconsistent ones that are not highly mismatched."""
@@ -71,16 +77,22 @@ def selection_mask(pred_student: Tensor, pred_teacher: Tensor, scores: Tensor, s
         return consistent | high
     if selection == "cons+lmis":
         return consistent | low
-    raise ValueError(f"selection must be 'cons', 'cons+lmis', 'cons+hmis' or 'all', got {selection!r}")
+    raise ValueError(
+        f"selection must be 'cons', 'cons+lmis', 'cons+hmis' or 'all', got {selection!r}"
+    )
 
 
-def mismatch_parts(pred_student: Tensor, pred_teacher: Tensor, scores: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def mismatch_parts(
+    pred_student: Tensor, pred_teacher: Tensor, scores: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
     """(consistent, highly mismatched, lowly mismatched) bool [B,H,W] maps; they partition the
     pixels where neither prediction is 255."""
     known = (pred_student != IGNORE_INDEX) & (pred_teacher != IGNORE_INDEX)
     consistent = known & (pred_student == pred_teacher)
     last = scores.shape[0] - 1
-    higher = scores[pred_student.long().clamp(max=last)] < scores[pred_teacher.long().clamp(max=last)]
+    higher = (
+        scores[pred_student.long().clamp(max=last)] < scores[pred_teacher.long().clamp(max=last)]
+    )
     inconsistent = known & ~consistent
     return consistent, inconsistent & higher, inconsistent & ~higher
 
@@ -92,7 +104,9 @@ def anchor_loss(anchors: Tensor, tau: float = 0.5) -> Tensor:
     return torch.logsumexp(v @ v.T / tau, dim=1).mean()
 
 
-def optimize_anchors(num_classes: int, dim: int, tau: float = 0.5, steps: int = 2000, seed: int = 0) -> Tensor:
+def optimize_anchors(
+    num_classes: int, dim: int, tau: float = 0.5, steps: int = 2000, seed: int = 0
+) -> Tensor:
     """C unit anchors [C,D] from random initialisation, minimising Eq. 12 with Adam; done once,
     before training, as a function of `seed` alone."""
     generator = torch.Generator().manual_seed(seed)
@@ -116,7 +130,13 @@ def match_anchors(prototypes: Tensor, anchors: Tensor) -> Tensor:
     return torch.from_numpy(sigma)
 
 
-def ema_prototypes(prototypes: Tensor, features: Tensor, labels: Tensor, alpha: float = 0.99, seen: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def ema_prototypes(
+    prototypes: Tensor,
+    features: Tensor,
+    labels: Tensor,
+    alpha: float = 0.99,
+    seen: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
     """Eq. 13: c_i <- alpha c_i + (1 - alpha) mean(features of class i in this step), for the
     classes present; a class seen for the first time takes its mean directly. Returns the new
     prototypes [C,D] and the updated `seen` [C] bool."""
@@ -132,7 +152,9 @@ def ema_prototypes(prototypes: Tensor, features: Tensor, labels: Tensor, alpha: 
     return out, seen
 
 
-def anchor_contrastive_loss(features: Tensor, labels: Tensor, anchors: Tensor, sigma: Tensor, tau: float = 0.5) -> Tensor:
+def anchor_contrastive_loss(
+    features: Tensor, labels: Tensor, anchors: Tensor, sigma: Tensor, tau: float = 0.5
+) -> Tensor:
     """Eq. 15, mean over the given pixels: -log(e^{f.v_c/tau} / (e^{f.v_c/tau} + sum_{c' != c}
     e^{f.v_c'/tau})), with v_c = anchors[sigma[c]] and f L2-normalised: the cross-entropy of
     the anchor similarities. features [N,D], labels [N]."""
@@ -142,7 +164,9 @@ def anchor_contrastive_loss(features: Tensor, labels: Tensor, anchors: Tensor, s
     return F.cross_entropy(logits, labels.long())
 
 
-def similarity_loss(features: Tensor, labels: Tensor, bank_means: Tensor, bank_valid: Tensor) -> Tensor:
+def similarity_loss(
+    features: Tensor, labels: Tensor, bank_means: Tensor, bank_valid: Tensor
+) -> Tensor:
     """Eq. 16, mean over the given pixels: (1/|Q_c|) sum_{i in Q_c} (1 - cos(f, i)) =
     1 - f_hat . mean(normalised bank features of c). bank_means [C,D] are those means (of
     unit vectors); pixels whose class has an empty bank are left out."""

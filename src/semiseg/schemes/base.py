@@ -40,7 +40,13 @@ class Scheme:
     """Channels of the projection head the engine adds to every network (contrastive schemes)."""
     """The `unlabeled` batch holds images with offline pseudo-label masks (data.pseudo_labeled)."""
 
-    def __init__(self, cfg: Config, models: dict[str, nn.Module], num_classes: int, policy: Policy | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        models: dict[str, nn.Module],
+        num_classes: int,
+        policy: Policy | None = None,
+    ):
         self.cfg = cfg
         self.models = models
         self.num_classes = num_classes
@@ -62,7 +68,9 @@ class Scheme:
             group["lr"] = lr * group["lr_mult"]
         return groups
 
-    def training_step(self, labeled: dict, unlabeled: dict | None, mix: dict | None, iteration: int) -> StepOutput:
+    def training_step(
+        self, labeled: dict, unlabeled: dict | None, mix: dict | None, iteration: int
+    ) -> StepOutput:
         """The loss of one step. `unlabeled` and `mix` (the CutMix source) are None for
         schemes with `uses_unlabeled = False`."""
         raise NotImplementedError
@@ -89,4 +97,7 @@ class Scheme:
 
     @staticmethod
     def to_device(batch: dict, device: torch.device) -> dict:
-        return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+        return {
+            k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v
+            for k, v in batch.items()
+        }

@@ -28,14 +28,18 @@ class CPSScheme(SemiScheme):
 
     model_names: ClassVar[tuple[str, ...]] = ("student", "student_b")
 
-    def training_step(self, labeled: dict, unlabeled: dict | None, mix: dict | None, iteration: int) -> StepOutput:
+    def training_step(
+        self, labeled: dict, unlabeled: dict | None, mix: dict | None, iteration: int
+    ) -> StepOutput:
         assert unlabeled is not None and mix is not None
         u = unlabeled
         x, y = labeled["image"], labeled["mask"]
         box = u["box1"]
         mixed_image = paste(u["image"], mix["image"], box)
         logits = {
-            name: self.models[name](torch.cat([x, mixed_image])).logits.split([x.shape[0], mixed_image.shape[0]])
+            name: self.models[name](torch.cat([x, mixed_image])).logits.split(
+                [x.shape[0], mixed_image.shape[0]]
+            )
             for name in self.model_names
         }
         self.policy.update(softmax(logits["student"][0]), y)
@@ -57,6 +61,9 @@ class CPSScheme(SemiScheme):
                 logits_u, *labels[other], u["valid"], mix["valid"], box, oracle
             )
             logs.update(scores)
-        total = sum(losses[f"loss_x_{n}"] + self.cfg.scheme.unsup_weight * losses[f"loss_u_{n}"] for n in self.model_names)
+        total = sum(
+            losses[f"loss_x_{n}"] + self.cfg.scheme.unsup_weight * losses[f"loss_u_{n}"]
+            for n in self.model_names
+        )
         logs.update({k: v.detach() for k, v in losses.items()})
         return StepOutput(total, logs)

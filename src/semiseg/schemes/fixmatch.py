@@ -16,7 +16,9 @@ class FixMatchScheme(SemiScheme):
     predicted in eval mode, as in UniMatch.
     """
 
-    def training_step(self, labeled: dict, unlabeled: dict | None, mix: dict | None, iteration: int) -> StepOutput:
+    def training_step(
+        self, labeled: dict, unlabeled: dict | None, mix: dict | None, iteration: int
+    ) -> StepOutput:
         assert unlabeled is not None and mix is not None
         model = self.models["student"]
         x, y = labeled["image"], labeled["mask"]
@@ -28,10 +30,18 @@ class FixMatchScheme(SemiScheme):
         out = model(torch.cat([x, unlabeled["image"]]))
         strong = paste(unlabeled["strong1"], mix["strong1"], unlabeled["box1"])
         logits_s = model(strong).logits
-        pl, pl_mix = self.teach(labeled, out.rows(slice(None, n)), out.rows(slice(n, None)), unlabeled, mix, out_mix)
+        pl, pl_mix = self.teach(
+            labeled, out.rows(slice(None, n)), out.rows(slice(n, None)), unlabeled, mix, out_mix
+        )
         loss_x = cross_entropy(out.logits[:n], y)
         loss_s, logs = self.cutmix_loss(
-            logits_s, pl, pl_mix, unlabeled["valid"], mix["valid"], unlabeled["box1"], unlabeled.get("oracle_mask")
+            logits_s,
+            pl,
+            pl_mix,
+            unlabeled["valid"],
+            mix["valid"],
+            unlabeled["box1"],
+            unlabeled.get("oracle_mask"),
         )
         logs.update({"loss_x": loss_x.detach(), "loss_s": loss_s.detach()})
         logs.update(self.diagnostics(pl, unlabeled["valid"], unlabeled.get("oracle_mask")))

@@ -22,24 +22,34 @@ class MeanTeacherScheme(SemiScheme):
     network evaluated and saved, as is usual for mean teacher.
     """
 
-    def __init__(self, cfg: Config, models: dict[str, nn.Module], num_classes: int, policy: Policy | None):
+    def __init__(
+        self, cfg: Config, models: dict[str, nn.Module], num_classes: int, policy: Policy | None
+    ):
         super().__init__(cfg, models, num_classes, policy)
         self.teacher = copy.deepcopy(unwrap(models["student"])).eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
 
-    def training_step(self, labeled: dict, unlabeled: dict | None, mix: dict | None, iteration: int) -> StepOutput:
+    def training_step(
+        self, labeled: dict, unlabeled: dict | None, mix: dict | None, iteration: int
+    ) -> StepOutput:
         assert unlabeled is not None and mix is not None
         u = unlabeled
         with torch.no_grad():
-            probs_w, probs_mix = softmax(self.teacher(torch.cat([u["image"], mix["image"]])).logits).chunk(2)
+            probs_w, probs_mix = softmax(
+                self.teacher(torch.cat([u["image"], mix["image"]])).logits
+            ).chunk(2)
         x, y = labeled["image"], labeled["mask"]
         strong = paste(u["strong1"], mix["strong1"], u["box1"])
-        logits_x, logits_s = self.models["student"](torch.cat([x, strong])).logits.split([x.shape[0], strong.shape[0]])
+        logits_x, logits_s = self.models["student"](torch.cat([x, strong])).logits.split(
+            [x.shape[0], strong.shape[0]]
+        )
         self.policy.update(softmax(logits_x), y)
         pl, pl_mix = self.label(probs_w, u["valid"], probs_mix, mix["valid"])
         loss_x = cross_entropy(logits_x, y)
-        loss_u, logs = self.cutmix_loss(logits_s, pl, pl_mix, u["valid"], mix["valid"], u["box1"], u.get("oracle_mask"))
+        loss_u, logs = self.cutmix_loss(
+            logits_s, pl, pl_mix, u["valid"], mix["valid"], u["box1"], u.get("oracle_mask")
+        )
         logs.update({"loss_x": loss_x.detach(), "loss_u": loss_u.detach()})
         logs.update(self.diagnostics(pl, u["valid"], u.get("oracle_mask")))
         return StepOutput(loss_x + self.cfg.scheme.unsup_weight * loss_u, logs)

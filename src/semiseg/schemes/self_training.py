@@ -22,12 +22,18 @@ class SelfTrainingScheme(Scheme):
 
     uses_pseudo_labels: ClassVar[bool] = True
 
-    def training_step(self, labeled: dict, unlabeled: dict | None, mix: dict | None, iteration: int) -> StepOutput:
+    def training_step(
+        self, labeled: dict, unlabeled: dict | None, mix: dict | None, iteration: int
+    ) -> StepOutput:
         assert unlabeled is not None
         n = labeled["image"].shape[0]
         out = self.models["student"](torch.cat([labeled["image"], unlabeled["image"]]))
         parts = [
-            supervised_loss(out.rows(slice(None, n)), labeled["mask"], self.cfg.scheme.aux_weight, "x"),
-            supervised_loss(out.rows(slice(n, None)), unlabeled["mask"], self.cfg.scheme.aux_weight, "p"),
+            supervised_loss(
+                out.rows(slice(None, n)), labeled["mask"], self.cfg.scheme.aux_weight, "x"
+            ),
+            supervised_loss(
+                out.rows(slice(n, None)), unlabeled["mask"], self.cfg.scheme.aux_weight, "p"
+            ),
         ]
         return StepOutput(parts[0].loss + parts[1].loss, {**parts[0].logs, **parts[1].logs})

@@ -42,7 +42,9 @@ class SemiScheme(Scheme):
 
     uses_unlabeled: ClassVar[bool] = True
 
-    def __init__(self, cfg: Config, models: dict[str, nn.Module], num_classes: int, policy: Policy | None):
+    def __init__(
+        self, cfg: Config, models: dict[str, nn.Module], num_classes: int, policy: Policy | None
+    ):
         super().__init__(cfg, models, num_classes, policy)
         if policy is None:
             raise ValueError(f"scheme {cfg.scheme.name!r} needs a pseudo-label policy")
@@ -86,11 +88,21 @@ class SemiScheme(Scheme):
         n = probs.shape[0]
         return _rows(both, slice(None, n)), _rows(both, slice(n, None))
 
-    def teach(self, labeled: dict, labeled_out: SegmentationOutput, weak_out: SegmentationOutput, unlabeled: dict, mix: dict, mix_out: SegmentationOutput) -> tuple[PseudoLabels, PseudoLabels]:
+    def teach(
+        self,
+        labeled: dict,
+        labeled_out: SegmentationOutput,
+        weak_out: SegmentationOutput,
+        unlabeled: dict,
+        mix: dict,
+        mix_out: SegmentationOutput,
+    ) -> tuple[PseudoLabels, PseudoLabels]:
         """The policy's labeled update and its pseudo labels for the weak view and the CutMix
         source, from the network outputs on each (features and detections included, for
         policies that use them)."""
-        self.policy.update(softmax(labeled_out.logits), labeled["mask"], labeled_out.features.detach())
+        self.policy.update(
+            softmax(labeled_out.logits), labeled["mask"], labeled_out.features.detach()
+        )
         return self.label(
             softmax(weak_out.logits),
             unlabeled["valid"],
@@ -144,10 +156,14 @@ class SemiScheme(Scheme):
         logs: dict[str, Tensor | float] = {}
         if oracle is not None and target.positive is not None:
             # The pasted source batch has no ground truth.
-            logs = fpl_gradient_scores(logits.detach(), target, oracle.masked_fill(box | ~valid_view, 255))
+            logs = fpl_gradient_scores(
+                logits.detach(), target, oracle.masked_fill(box | ~valid_view, 255)
+            )
         return self.unlabeled_loss(logits, target, valid_view), logs
 
-    def diagnostics(self, pl: PseudoLabels, valid: Tensor, oracle: Tensor | None) -> dict[str, Tensor | float]:
+    def diagnostics(
+        self, pl: PseudoLabels, valid: Tensor, oracle: Tensor | None
+    ) -> dict[str, Tensor | float]:
         """Fraction of valid pixels used, their mean weight, the policy's own scalars and, under
         oracle_eval, the accuracy of used and of discarded pseudo labels, the weight-averaged
         accuracy (what the loss actually sees; equal to the used accuracy for 0/1 weights) and
@@ -176,7 +192,9 @@ class SemiScheme(Scheme):
         self.policy.load_state_dict(state["policy"])
 
 
-def oracle_diagnostics(pl: PseudoLabels, valid: Tensor, oracle: Tensor) -> dict[str, Tensor | float]:
+def oracle_diagnostics(
+    pl: PseudoLabels, valid: Tensor, oracle: Tensor
+) -> dict[str, Tensor | float]:
     """Pseudo-label quality against ground truth that training never sees, on valid pixels
     with a known class: accuracy of used (weight > 0) and of discarded labels, the
     weight-averaged accuracy sum(w [right]) / sum(w), and the mean weight of right and of
@@ -216,14 +234,18 @@ def fpl_k_histogram(positive: Tensor, valid: Tensor) -> dict[str, Tensor]:
     return logs
 
 
-def fpl_gradient_scores(logits: Tensor, pl: PseudoLabels, oracle: Tensor) -> dict[str, Tensor | float]:
+def fpl_gradient_scores(
+    logits: Tensor, pl: PseudoLabels, oracle: Tensor
+) -> dict[str, Tensor | float]:
     """Mean positive gradient score R (Eq. 12) of FPL and of cross-entropy with the pseudo label
     (R^v), per case of Sec. 3.4 (1: pseudo label right, 2: wrong but the truth is in the set,
     3: the truth is outside it), with each case's share of the pixels that have ground truth."""
     assert pl.positive is not None
     case = gradient_score_cases(pl.target, pl.positive, oracle)
     r_fpl = positive_gradient_score(logits, pl.positive, oracle)
-    one_hot = torch.zeros_like(pl.positive).scatter(1, pl.target.clamp(max=pl.positive.shape[1] - 1)[:, None], True)
+    one_hot = torch.zeros_like(pl.positive).scatter(
+        1, pl.target.clamp(max=pl.positive.shape[1] - 1)[:, None], True
+    )
     r_ce = positive_gradient_score(logits, one_hot, oracle)
     known = (case > 0).sum()
     logs: dict[str, Tensor | float] = {}

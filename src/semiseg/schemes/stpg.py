@@ -70,12 +70,18 @@ class STPGScheme(SemiScheme):
     model_names: ClassVar[tuple[str, ...]] = ("student", "student_pro")
     projection_dim: ClassVar[int | None] = PROJECTION_DIM
 
-    def __init__(self, cfg: Config, models: dict[str, nn.Module], num_classes: int, policy: Policy | None):
+    def __init__(
+        self, cfg: Config, models: dict[str, nn.Module], num_classes: int, policy: Policy | None
+    ):
         super().__init__(cfg, models, num_classes, policy)
         self.teachers = {name: _teacher(models[name]) for name in self.model_names}
         st = cfg.stpg
         self.contrastive = st.lambda_ctr > 0
-        self.anchors = optimize_anchors(num_classes, PROJECTION_DIM, st.tau, st.anchor_steps, cfg.train.seed) if self.contrastive else None
+        self.anchors = (
+            optimize_anchors(num_classes, PROJECTION_DIM, st.tau, st.anchor_steps, cfg.train.seed)
+            if self.contrastive
+            else None
+        )
         self.prototypes = torch.zeros(num_classes, PROJECTION_DIM)
         self.seen = torch.zeros(num_classes, dtype=torch.bool)
         self.sigma: Tensor | None = None
@@ -83,14 +89,17 @@ class STPGScheme(SemiScheme):
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         self.gather = all_gather_pairs if distributed else None
 
-    def training_step(self, labeled: dict, unlabeled: dict | None, mix: dict | None, iteration: int) -> StepOutput:
+    def training_step(
+        self, labeled: dict, unlabeled: dict | None, mix: dict | None, iteration: int
+    ) -> StepOutput:
         assert unlabeled is not None and mix is not None
         u, st = unlabeled, self.cfg.stpg
         x, y = labeled["image"], labeled["mask"]
         n_x, n_u = x.shape[0], u["image"].shape[0]
         with torch.no_grad():
             teacher_out = {
-                name: teacher(torch.cat([x, u["image"], mix["image"]])) for name, teacher in self.teachers.items()
+                name: teacher(torch.cat([x, u["image"], mix["image"]]))
+                for name, teacher in self.teachers.items()
             }
         strong = paste(u["strong1"], mix["strong1"], u["box1"])
         student_out = {name: self.models[name](torch.cat([x, strong])) for name in self.model_names}
@@ -104,10 +113,15 @@ class STPGScheme(SemiScheme):
             labels[name] = self.mixed(pl, pl_mix, u["box1"])
         self.policy.update(softmax(student_out["student"].logits[:n_x]), y)
 
-        losses = {f"loss_x_{name}": cross_entropy(out.logits[:n_x], y) for name, out in student_out.items()}
+        losses = {
+            f"loss_x_{name}": cross_entropy(out.logits[:n_x], y)
+            for name, out in student_out.items()
+        }
         # General module (Eq. 11): Gen-Student learns every Pro-Teacher pseudo label.
         general = labels["student_pro"]
-        losses["loss_u_gen"] = self._weighted(student_out["student"].logits[n_x:], general, valid, valid)
+        losses["loss_u_gen"] = self._weighted(
+            student_out["student"].logits[n_x:], general, valid, valid
+        )
         # Professional module (Eq. 5-7): Pro-Student learns the selected Gen-Teacher labels.
         professional = labels["student"]
         pro_logits = student_out["student_pro"].logits[n_x:]
@@ -115,7 +129,9 @@ class STPGScheme(SemiScheme):
         scores = mismatch_scores(pred_pro, professional.target, self.num_classes)
         chosen = selection_mask(pred_pro, professional.target, scores, st.selection)
         losses["loss_u_pro"] = self._weighted(pro_logits, professional, valid & chosen, valid)
-        total = sum(losses[f"loss_x_{n}"] for n in self.model_names) + st.lambda_u * (losses["loss_u_gen"] + losses["loss_u_pro"])
+        total = sum(losses[f"loss_x_{n}"] for n in self.model_names) + st.lambda_u * (
+            losses["loss_u_gen"] + losses["loss_u_pro"]
+        )
 
         logs = self.diagnostics(professional, valid, None)
         logs.update(self._selection_logs(pred_pro, professional.target, scores, valid))
@@ -132,8 +148,12 @@ class STPGScheme(SemiScheme):
         valid pixels (as every unlabeled loss here)."""
         return weighted_cross_entropy(logits, pl.target, pl.weight * pl.confidence * mask, valid)
 
-    def _selection_logs(self, pred_student: Tensor, pred_teacher: Tensor, scores: Tensor, valid: Tensor) -> dict[str, Tensor]:
-        consistent, high, low = mismatch_parts(pred_student, pred_teacher.masked_fill(~valid, 255), scores)
+    def _selection_logs(
+        self, pred_student: Tensor, pred_teacher: Tensor, scores: Tensor, valid: Tensor
+    ) -> dict[str, Tensor]:
+        consistent, high, low = mismatch_parts(
+            pred_student, pred_teacher.masked_fill(~valid, 255), scores
+        )
         known = (consistent | high | low).sum().clamp(min=1)
         logs = {
             "stpg/share_consistent": consistent.sum() / known,
@@ -144,7 +164,12 @@ class STPGScheme(SemiScheme):
         return logs
 
     def _contrastive(
-        self, gen_teacher: SegmentationOutput, students: dict[str, SegmentationOutput], y: Tensor, n_x: int, iteration: int
+        self,
+        gen_teacher: SegmentationOutput,
+        students: dict[str, SegmentationOutput],
+        y: Tensor,
+        n_x: int,
+        iteration: int,
     ) -> dict[str, Tensor]:
         """Eq. 13-16 on labeled pixels: prototype EMA and matching from Gen-Teacher
         projections, the proximity-guided bank, and both students' anchor/similarity losses."""
@@ -163,7 +188,9 @@ class STPGScheme(SemiScheme):
             # states (and the anchor matching) stay identical.
             packed, t_lab = self.gather(torch.cat([t_feat, t_conf[:, None]], dim=1), t_lab)
             t_feat, t_conf = packed[:, :-1], packed[:, -1]
-        self.prototypes, self.seen = ema_prototypes(self.prototypes, t_feat, t_lab, st.alpha, self.seen)
+        self.prototypes, self.seen = ema_prototypes(
+            self.prototypes, t_feat, t_lab, st.alpha, self.seen
+        )
         zero = teacher_proj.sum() * 0.0
         if iteration < st.match_after:
             return {"loss_ac": zero, "loss_sim": zero}
@@ -228,5 +255,10 @@ class STPGScheme(SemiScheme):
         super().load_state_dict(state)
         for name, teacher in self.teachers.items():
             teacher.load_state_dict(state["teachers"][name])
-        self.anchors, self.prototypes, self.seen, self.sigma = state["anchors"], state["prototypes"], state["seen"], state["sigma"]
+        self.anchors, self.prototypes, self.seen, self.sigma = (
+            state["anchors"],
+            state["prototypes"],
+            state["seen"],
+            state["sigma"],
+        )
         self.bank.load_state_dict(state["bank"])

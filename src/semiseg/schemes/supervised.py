@@ -9,7 +9,9 @@ from semiseg.models.segmentor import SegmentationOutput
 from semiseg.schemes.base import Scheme, StepOutput
 
 
-def supervised_loss(out: SegmentationOutput, mask: Tensor, aux_weight: float, suffix: str = "x") -> StepOutput:
+def supervised_loss(
+    out: SegmentationOutput, mask: Tensor, aux_weight: float, suffix: str = "x"
+) -> StepOutput:
     """CE of the logits against `mask`, plus `aux_weight` x CE of the auxiliary head (PSPNet)."""
     loss_main = cross_entropy(out.logits, mask)
     loss = loss_main
@@ -24,5 +26,9 @@ def supervised_loss(out: SegmentationOutput, mask: Tensor, aux_weight: float, su
 class SupervisedScheme(Scheme):
     """Cross-entropy on labeled crops (plus the auxiliary head's loss for models that have one)."""
 
-    def training_step(self, labeled: dict, unlabeled: dict | None, mix: dict | None, iteration: int) -> StepOutput:
-        return supervised_loss(self.models["student"](labeled["image"]), labeled["mask"], self.cfg.scheme.aux_weight)
+    def training_step(
+        self, labeled: dict, unlabeled: dict | None, mix: dict | None, iteration: int
+    ) -> StepOutput:
+        return supervised_loss(
+            self.models["student"](labeled["image"]), labeled["mask"], self.cfg.scheme.aux_weight
+        )

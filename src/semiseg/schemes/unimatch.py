@@ -21,7 +21,9 @@ class UniMatchScheme(SemiScheme):
     prediction is made in eval mode. Pseudo labels and weights come from the policy.
     """
 
-    def training_step(self, labeled: dict, unlabeled: dict | None, mix: dict | None, iteration: int) -> StepOutput:
+    def training_step(
+        self, labeled: dict, unlabeled: dict | None, mix: dict | None, iteration: int
+    ) -> StepOutput:
         assert unlabeled is not None and mix is not None
         model = self.models["student"]
         x, y = labeled["image"], labeled["mask"]
@@ -38,14 +40,23 @@ class UniMatchScheme(SemiScheme):
         strong2 = paste(u["strong2"], mix["strong2"], u["box2"])
         logits_s1, logits_s2 = model(torch.cat([strong1, strong2])).logits.chunk(2)
 
-        pl, pl_mix = self.teach(labeled, clean.rows(slice(None, n)), clean.rows(slice(n, None)), u, mix, out_mix)
+        pl, pl_mix = self.teach(
+            labeled, clean.rows(slice(None, n)), clean.rows(slice(n, None)), u, mix, out_mix
+        )
         losses = {"loss_x": cross_entropy(logits_x, y)}
         losses["loss_s1"], logs = self.cutmix_loss(
             logits_s1, pl, pl_mix, u["valid"], mix["valid"], u["box1"], u.get("oracle_mask")
         )
-        losses["loss_s2"], _ = self.cutmix_loss(logits_s2, pl, pl_mix, u["valid"], mix["valid"], u["box2"])
+        losses["loss_s2"], _ = self.cutmix_loss(
+            logits_s2, pl, pl_mix, u["valid"], mix["valid"], u["box2"]
+        )
         losses["loss_fp"] = self.unlabeled_loss(logits_fp, pl, u["valid"])
-        loss = (losses["loss_x"] + 0.25 * losses["loss_s1"] + 0.25 * losses["loss_s2"] + 0.5 * losses["loss_fp"]) / 2
+        loss = (
+            losses["loss_x"]
+            + 0.25 * losses["loss_s1"]
+            + 0.25 * losses["loss_s2"]
+            + 0.5 * losses["loss_fp"]
+        ) / 2
         logs.update({k: v.detach() for k, v in losses.items()})
         logs.update(self.diagnostics(pl, u["valid"], u.get("oracle_mask")))
         return StepOutput(loss, logs)
