@@ -21,8 +21,8 @@ from synthetic_batches import make_batches
 
 from semiseg.config import config_from_dict
 from semiseg.models import build_model
-from semiseg.pseudo import build_policy
-from semiseg.schemes import FixMatchScheme
+from semiseg.pseudo import CrossEntropyLoss, build_policy
+from semiseg.schemes import FixMatchScheme, Teaching
 
 POLICIES = {
     "threshold (FixMatch)": ("threshold", {"threshold": 0.95}),
@@ -52,7 +52,10 @@ def main() -> int:
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     schemes = {
         label: FixMatchScheme(
-            cfg, {"student": model}, num_classes, build_policy(name, num_classes, **options)
+            cfg,
+            {"student": model},
+            num_classes,
+            Teaching(build_policy(name, num_classes, **options), CrossEntropyLoss()),
         )
         for label, (name, options) in POLICIES.items()
     }

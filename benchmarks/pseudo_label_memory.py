@@ -22,7 +22,7 @@ from pathlib import Path
 
 CHILD = """
 import json, resource, sys
-from semiseg.pseudolabel import GeneratorSpec, pseudo_label_checkpoint
+from semiseg.offline.label_set import GeneratorSpec, pseudo_label_checkpoint
 ckpt, out, method, unlabeled, root = sys.argv[1:6]
 spec = GeneratorSpec(method=method, alpha=0.2)
 stats, names = pseudo_label_checkpoint(ckpt, out, spec, unlabeled=unlabeled, data_root=root or None,

@@ -21,6 +21,7 @@ import math
 from pathlib import Path
 
 from semiseg.metrics_log import read_metrics
+from semiseg.run_folder import RunFolder
 
 
 def part_means(records: list[dict], key: str, parts: int) -> tuple[float, float] | None:
@@ -63,7 +64,7 @@ def main() -> None:
     print("|---|---:|" + "---:|" * len(args.keys))
     for method in args.methods:
         for seed in args.seeds:
-            path = args.root / method / f"seed{seed}" / "metrics.jsonl"
+            path = RunFolder(args.root / method / f"seed{seed}").metrics
             if not path.is_file():
                 raise SystemExit(f"no metrics log at {path}")
             records = read_metrics(path)
@@ -84,7 +85,7 @@ def print_final(args: argparse.Namespace) -> None:
     for method in args.methods:
         scores = []
         for seed in args.seeds:
-            path = args.root / method / f"seed{seed}" / "final.json"
+            path = RunFolder(args.root / method / f"seed{seed}").final
             if not path.is_file():
                 raise SystemExit(f"no final scores at {path} (is the run finished?)")
             scores.append(json.loads(path.read_text())["final"])

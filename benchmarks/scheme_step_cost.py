@@ -20,10 +20,9 @@ import torch
 from synthetic_batches import make_batches
 
 from semiseg.config import config_from_dict
-from semiseg.distributed import DistContext
-from semiseg.engine import build_policy_from_config
+from semiseg.engine import build_scheme
 from semiseg.models import build_model
-from semiseg.schemes import get_scheme
+from semiseg.schemes import SCHEMES
 
 NUM_CLASSES = 11
 THINGS = [2, 6, 8, 9, 10]
@@ -42,21 +41,18 @@ COMPARISONS: dict[str, dict[str, dict]] = {
         },
         "unimatch + RPPI + PPW": {
             "scheme": {"name": "unimatch"},
-            "policy": {"name": "rankweight", "rppi": True},
-            "detector": {"classes": THINGS},
+            "policy": {"name": "rankweight", "rppi": True, "detector": {"classes": THINGS}},
         },
     },
     "stpg": {
         "mean teacher": {"scheme": {"name": "mean_teacher"}, "policy": {"name": "pseudo_label"}},
         "dual mean teacher (DM)": {
-            "scheme": {"name": "stpg"},
+            "scheme": {"name": "stpg", "selection": "all", "lambda_ctr": 0.0},
             "policy": {"name": "pseudo_label"},
-            "stpg": {"selection": "all", "lambda_ctr": 0.0},
         },
         "DM + PS + DCL (STPG)": {
-            "scheme": {"name": "stpg"},
+            "scheme": {"name": "stpg", "selection": "cons+hmis", "lambda_ctr": 0.1},
             "policy": {"name": "pseudo_label"},
-            "stpg": {"selection": "cons+hmis", "lambda_ctr": 0.1},
         },
     },
 }
@@ -67,7 +63,7 @@ class Runner:
 
     def __init__(self, sections: dict, weights: dict):
         cfg = config_from_dict({"data": {"root": "-", "labeled": "-"}, **sections})
-        scheme_cls = get_scheme(cfg.scheme.name)
+        scheme_cls = SCHEMES.get(cfg.scheme.name)
         models = {}
         for name in scheme_cls.model_names:
             model = build_model(
@@ -75,14 +71,11 @@ class Runner:
                 "efficientnet_lite0",
                 NUM_CLASSES,
                 pretrained=None,
-                projection_dim=scheme_cls.projection_dim,
+                projection_dim=scheme_cls.projection_dim(cfg.scheme),
             )
             model.load_state_dict(weights, strict=False)
             models[name] = model
-        policy = build_policy_from_config(
-            cfg, NUM_CLASSES, DistContext(0, 1, 0, torch.device("cpu"))
-        )
-        self.scheme = scheme_cls(cfg, models, NUM_CLASSES, policy)
+        self.scheme = build_scheme(cfg, models, NUM_CLASSES)
         self.optimizer = torch.optim.SGD(
             self.scheme.parameter_groups(1e-4, 10.0), lr=1e-4, momentum=0.9
         )

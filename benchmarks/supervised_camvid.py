@@ -18,8 +18,9 @@ import time
 from pathlib import Path
 
 from semiseg.config import load_config
-from semiseg.engine import train
 from semiseg.metrics_log import read_metrics
+from semiseg.run_folder import RunFolder
+from semiseg.training import train
 
 REPO = Path(__file__).resolve().parents[1]
 PRESET = REPO / "configs" / "supervised_deeplabv3plus-effl0_camvid-1_8_cpu.yaml"
@@ -37,7 +38,7 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     result = train(cfg, progress=not args.no_progress)
     wall = time.perf_counter() - start
-    records = read_metrics(out / "metrics.jsonl")
+    records = read_metrics(RunFolder(out).metrics)
     # The first logging window includes data-loader start-up; the median ignores it.
     sec = statistics.median(r["sec_per_iter"] for r in records if r["split"] == "train")
     final = [r for r in records if r["split"] == "val"][-1]

@@ -60,7 +60,8 @@ class Killed(Exception):
 
 def crash_at(cfg, at_iteration: int, monkeypatch) -> None:
     """Train `cfg` until it dies just before step `at_iteration`; the run folder keeps what it saved."""
-    from semiseg.engine import Trainer, train
+    from semiseg.engine import Trainer
+    from semiseg.training import train
 
     original = Trainer._set_lr
 

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from semiseg.data.formats import Sample, get_format
+from semiseg.offline.label_set import GeneratorSpec, generate, labeled_class_counts
 from semiseg.pseudo.dars import (
     ConfidenceHistogram,
     cbst_labels,
@@ -20,7 +21,6 @@ from semiseg.pseudo.dars import (
     st_labels,
     target_counts,
 )
-from semiseg.pseudolabel import GeneratorSpec, generate, labeled_class_counts
 
 
 def counts(labels: torch.Tensor, num_classes: int) -> list[int]:
@@ -191,7 +191,7 @@ def test_streaming_da_overfills_and_st_cbst_follow_their_definitions(image_set, 
 def test_generation_is_deterministic_and_resumes_after_a_kill(image_set, tmp_path, monkeypatch):
     spec = GeneratorSpec("dars", alpha=0.3)
     run_generator(image_set, tmp_path / "a", spec, seed=5)
-    import semiseg.pseudolabel as pseudolabel
+    import semiseg.offline.label_set as pseudolabel
 
     original = pseudolabel.atomic_write
     written = []
@@ -238,8 +238,8 @@ def self_training_config(synthetic_root, out, **train):
         tiny_config(
             synthetic_root,
             out,
-            scheme={"name": "self_training"},
-            selftrain={
+            scheme={
+                "name": "self_training",
                 "method": "dars",
                 "alpha": [0.2, 0.5],
                 "beta_min": [0.0, 0.2],
@@ -260,7 +260,8 @@ def test_self_training_runs_every_round_and_resumes_after_a_kill(
     synthetic_root, tmp_path, monkeypatch
 ):
     from semiseg.checkpoint import load_checkpoint
-    from semiseg.engine import Trainer, train
+    from semiseg.engine import Trainer
+    from semiseg.training import train
 
     reference = train(self_training_config(synthetic_root, tmp_path / "ref"), progress=False)
     assert [r["round"] for r in reference["rounds"]] == [0, 1, 2]
@@ -304,7 +305,7 @@ def test_pseudo_label_cli_prints_the_class_table(synthetic_root, tmp_path, capsy
 
     from semiseg.cli import main
     from semiseg.config import config_from_dict
-    from semiseg.engine import train
+    from semiseg.training import train
 
     train(
         config_from_dict(

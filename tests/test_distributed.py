@@ -91,8 +91,7 @@ def test_two_process_self_training_and_pseudo_labels_match_one_process(synthetic
     raw = tiny_config(
         synthetic_root,
         out,
-        scheme={"name": "self_training"},
-        selftrain={"alpha": [0.3]},
+        scheme={"name": "self_training", "alpha": [0.3]},
         train={"iterations": 2, "eval_every": 2, "log_every": 1, "threads": 1},
     )
     config.write_text(yaml.safe_dump(raw))

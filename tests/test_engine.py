@@ -12,8 +12,9 @@ from conftest import crash_at, tiny_config
 from semiseg.checkpoint import load_checkpoint
 from semiseg.config import config_from_dict
 from semiseg.data.formats import DataError
-from semiseg.engine import Trainer, poly_factor, train
+from semiseg.engine import Trainer, poly_factor
 from semiseg.metrics_log import read_metrics
+from semiseg.training import train
 
 
 def test_poly_schedule():

@@ -568,7 +568,7 @@ def test_helpers():
 
 
 def test_registry_and_build_policy():
-    assert POLICIES == {
+    assert {name: POLICIES.get(name) for name in POLICIES.names()} == {
         "pseudo_label": ConstantPolicy,
         "threshold": ThresholdPolicy,
         "ael": PowerPolicy,

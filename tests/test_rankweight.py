@@ -184,25 +184,30 @@ def detector_config(synthetic_root, tmp_path, **detector):
 
     from semiseg.config import config_from_dict
 
-    raw = tiny_config(synthetic_root, tmp_path / "run", train={"threads": 1})
-    raw["detector"] = {
-        "classes": [3, 4, 5],
-        "backbone": "mobilenet_v3_fpn",
-        "dir": str(tmp_path / "detector"),
-        "iterations": 3,
-        "batch_size": 1,
-        "min_size": 64,
-        "max_size": 96,
-        "score_threshold": 0.0,
-        "checkpoint_every": 1,
-        **detector,
+    raw = tiny_config(
+        synthetic_root, tmp_path / "run", scheme={"name": "fixmatch"}, train={"threads": 1}
+    )
+    raw["policy"] = {
+        "name": "rankweight",
+        "detector": {
+            "classes": [3, 4, 5],
+            "backbone": "mobilenet_v3_fpn",
+            "dir": str(tmp_path / "detector"),
+            "iterations": 3,
+            "batch_size": 1,
+            "min_size": 64,
+            "max_size": 96,
+            "score_threshold": 0.0,
+            "checkpoint_every": 1,
+            **detector,
+        },
     }
     return config_from_dict(raw)
 
 
 @pytest.mark.slow
 def test_detector_trains_resumes_exactly_detects_and_scores(synthetic_root, tmp_path, monkeypatch):
-    import semiseg.detection as detection
+    import semiseg.offline.detector_training as detection
     from semiseg.checkpoint import load_checkpoint
     from semiseg.data.formats import get_format
     from semiseg.data.splits import read_split
@@ -235,7 +240,7 @@ def test_detector_trains_resumes_exactly_detects_and_scores(synthetic_root, tmp_
 
     folder = detection.detect(reference, labeled, torch.device("cpu"), progress=False)
     assert len(list(folder.glob("*.json"))) == 4
-    boxes, classes = detection.load_detections(reference, 0)
+    boxes, classes = detection.detection_cache(reference).load(0)
     assert boxes.shape[1] == 4 and set(classes.tolist()) <= {3, 4, 5}
     result = detection.box_accuracy(reference, labeled, fmt)
     assert result["detections"] == sum(result["per_class_count"].values())
@@ -332,11 +337,12 @@ def test_rank_policy_trains_with_ppw_and_with_cached_detections(
     from conftest import tiny_config
 
     from semiseg.config import config_from_dict
-    from semiseg.data.formats import get_format
+    from semiseg.data.formats import DataError, get_format
     from semiseg.data.splits import read_split
-    from semiseg.detection import PIXEL_GROUPS, pixel_box_accuracy
-    from semiseg.engine import Trainer, train
+    from semiseg.engine import Trainer
     from semiseg.metrics_log import read_metrics
+    from semiseg.offline.detector_training import PIXEL_GROUPS, pixel_box_accuracy
+    from semiseg.training import train
 
     def config(name: str, rppi: bool):
         raw = tiny_config(
@@ -348,10 +354,10 @@ def test_rank_policy_trains_with_ppw_and_with_cached_detections(
                 "threshold": 0.0,
                 "rppi": rppi,
                 "reliable_threshold": 0.0,
+                "detector": {"classes": [3, 4, 5], "dir": str(tmp_path / "detector")},
             },
             train={"iterations": 2, "eval_every": 2, "log_every": 1},
         )
-        raw["detector"] = {"classes": [3, 4, 5], "dir": str(tmp_path / "detector")}
         return config_from_dict(raw)
 
     train(config("ppw", rppi=False), progress=False)
@@ -360,7 +366,7 @@ def test_rank_policy_trains_with_ppw_and_with_cached_detections(
     ]
     assert 0 <= last["policy/mean_rank_weight"] <= 1 and last["policy/prototypes"] >= 1
 
-    with pytest.raises(FileNotFoundError, match="semiseg detector detect"):
+    with pytest.raises(DataError, match="semiseg detector detect"):
         Trainer(config("rppi", rppi=True), progress=False)
     folder = tmp_path / "detector" / "detections"
     folder.mkdir(parents=True)

@@ -11,11 +11,12 @@ from conftest import crash_at, tiny_config
 from semiseg.checkpoint import load_checkpoint
 from semiseg.cli import main
 from semiseg.config import config_from_dict
-from semiseg.engine import Trainer, train
+from semiseg.engine import Trainer
 from semiseg.metrics_log import read_metrics
 from semiseg.pseudo import PseudoLabels
+from semiseg.run_folder import RunFolder, read_snapshots
 from semiseg.schemes.semi import oracle_diagnostics, paste
-from semiseg.snapshots import load_k_maps
+from semiseg.training import train
 
 SEMI = ["fixmatch", "unimatch", "mean_teacher", "cps"]
 
@@ -135,7 +136,7 @@ def test_fpl_loss_trains_every_scheme_and_logs_k_and_gradient_scores(
     )
     assert 0 <= last["fpl/R_case1"] <= 1 + 1e-6
 
-    snapshots = load_k_maps(tmp_path / "run")
+    snapshots = read_snapshots(RunFolder(tmp_path / "run").snapshots("fpl_kmaps"))
     assert [s["iteration"] for s in snapshots] == [2]
     assert (
         snapshots[0]["k"].shape == snapshots[0]["images"].shape[:3] and snapshots[0]["k"].min() >= 1

@@ -13,7 +13,6 @@ from conftest import crash_at, tiny_config
 from semiseg.checkpoint import load_checkpoint
 from semiseg.cli import main
 from semiseg.config import config_from_dict
-from semiseg.engine import train
 from semiseg.metrics_log import read_metrics
 from semiseg.pseudo.memory import FeatureBank
 from semiseg.pseudo.stpg import (
@@ -28,6 +27,7 @@ from semiseg.pseudo.stpg import (
     selection_mask,
     similarity_loss,
 )
+from semiseg.training import train
 
 STUDENT = torch.tensor([[[0, 0, 1, 1, 2, 2, 255]]])
 TEACHER = torch.tensor([[[0, 1, 1, 1, 0, 2, 1]]])
@@ -145,9 +145,15 @@ def stpg_config(root, out, **stpg):
         tiny_config(
             root,
             out,
-            scheme={"name": "stpg"},
+            scheme={
+                "name": "stpg",
+                "match_after": 2,
+                "anchor_steps": 50,
+                "bank_topk": 8,
+                "phi": 0.0,
+                **stpg,
+            },
             policy={"name": "pseudo_label"},
-            stpg={"match_after": 2, "anchor_steps": 50, "bank_topk": 8, "phi": 0.0, **stpg},
             train={"iterations": 4, "eval_every": 4, "log_every": 2, "checkpoint_every": 2},
         )
     )

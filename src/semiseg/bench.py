@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import re
 import statistics
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ import yaml
 from semiseg.config import ConfigError, build_dataclass, load_config
 from semiseg.files import atomic_write, atomic_write_text
 from semiseg.metrics_log import read_metrics
+from semiseg.run_folder import RunFolder
 
 
 @dataclass
@@ -103,12 +103,12 @@ def run_dir(grid: BenchGrid, method: str, seed: int) -> Path:
 
 def read_result(method: str, seed: int, folder: Path, iterations: int) -> RunResult | None:
     """The result of a finished run, or None if the run has not reached `iterations`."""
-    path = folder / "final.json"
-    final = json.loads(path.read_text()) if path.is_file() else {}
+    run = RunFolder(folder)
+    final = run.read_final() or {}
     if final.get("iteration") != iterations:
         return None
     # A multi-round self-training run keeps its last round's log in a round folder.
-    records = read_metrics(folder / final.get("metrics_dir", ".") / "metrics.jsonl")
+    records = read_metrics(run.metrics_folder().metrics)
     val = [r for r in records if r["split"] == "val"]
     # The first window includes data-loader start-up; the median is robust to it.
     times = [r["sec_per_iter"] for r in records if r["split"] == "train" and "sec_per_iter" in r]
@@ -155,7 +155,7 @@ def run_grid(
 ) -> list[RunResult]:
     """Train (or resume) every selected run that has not finished; return the results of all
     finished runs of the grid, selected or not, so several processes can share one grid."""
-    from semiseg.engine import train
+    from semiseg.training import train
 
     _check_selection(grid, methods, seeds)
     for method in methods or grid.methods:

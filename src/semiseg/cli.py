@@ -12,13 +12,13 @@ from semiseg.config import ConfigError
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from semiseg.config import load_config
-    from semiseg.engine import train
+    from semiseg.training import train
 
     cfg = load_config(args.config, args.overrides)
     result = train(cfg, restart=args.restart, progress=not args.no_progress)
     if os.environ.get("RANK", "0") != "0":
         return 0
-    if "final" in result:
+    if result.get("final") is not None:
         print(
             f"best val mIoU {100 * result['best_miou']:.2f} at iteration {result['best_iteration']}"
         )
@@ -30,7 +30,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_pseudo_label(args: argparse.Namespace) -> int:
-    from semiseg.pseudolabel import GeneratorSpec, format_stats, pseudo_label_checkpoint
+    from semiseg.offline.label_set import GeneratorSpec, format_stats, pseudo_label_checkpoint
 
     try:
         spec = GeneratorSpec(
@@ -111,11 +111,11 @@ def _cmd_split(args: argparse.Namespace) -> int:
 
 
 def _cmd_detector(args: argparse.Namespace) -> int:
-    from semiseg import detection
     from semiseg.config import load_config
     from semiseg.data.formats import get_format
     from semiseg.data.splits import read_split, resolve_list
     from semiseg.distributed import resolve_device
+    from semiseg.offline import detector_training as detection
 
     cfg = load_config(args.config, args.overrides)
     root = Path(cfg.data.root)
@@ -138,6 +138,7 @@ def _cmd_detector(args: argparse.Namespace) -> int:
     if args.action == "detect":
         print(f"detections in {detection.detect(cfg, samples, device, progress)}")
         return 0
+    det = detection.detector_options(cfg)
     results = [detection.box_accuracy(cfg, samples, fmt, iou) for iou in args.iou]
     names = fmt.class_names or [str(c) for c in range(fmt.num_classes)]
     accuracies = ", ".join(
@@ -145,7 +146,7 @@ def _cmd_detector(args: argparse.Namespace) -> int:
         for r, iou in zip(results, args.iou, strict=True)
     )
     print(
-        f"{results[0]['detections']} detections (score >= {cfg.detector.score_threshold}), box accuracy: {accuracies}"
+        f"{results[0]['detections']} detections (score >= {det.score_threshold}), box accuracy: {accuracies}"
     )
     for c, count in results[0]["per_class_count"].items():
         shown = [
@@ -161,9 +162,7 @@ def _cmd_detector(args: argparse.Namespace) -> int:
             f"pseudo-label precision of {args.checkpoint} (confidence >= {agreement['threshold']}), % (pixels):"
         )
         print(f"  {'':<14}" + "".join(f"{name:>24}" for name in agreement["groups"]))
-        for key, label in [(c, names[c]) for c in cfg.detector.classes] + [
-            ("things", "all listed")
-        ]:
+        for key, label in [(c, names[c]) for c in det.classes] + [("things", "all listed")]:
             cells = []
             for group in agreement["groups"].values():
                 acc, pixels = (
@@ -192,23 +191,28 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from semiseg.config import load_config
+    from semiseg.config import load_saved_config
     from semiseg.data.formats import get_format
     from semiseg.report import plot_run
+    from semiseg.run_folder import RunFolder
 
-    run = Path(args.run)
-    if not (run / "metrics.jsonl").is_file() or not (run / "config.yaml").is_file():
-        raise FileNotFoundError(f"{run} is not a run folder (no metrics.jsonl / config.yaml)")
-    cfg = load_config(run / "config.yaml")
+    run = RunFolder(args.run)
+    if not run.is_run():
+        raise FileNotFoundError(
+            f"{run.path} is not a run folder (no {run.metrics.name} / {run.config.name})"
+        )
+    cfg = load_saved_config(run.config)
     fmt = get_format(
         cfg.data.format, cfg.data.num_classes, cfg.data.class_names, root=Path(cfg.data.root)
     )
     compare = [Path(other) for other in args.compare or []]
     for other in compare:
-        if not (other / "metrics.jsonl").is_file():
-            raise FileNotFoundError(f"{other} is not a run folder (no metrics.jsonl)")
+        if not RunFolder(other).metrics.is_file():
+            raise FileNotFoundError(
+                f"{other} is not a run folder (no {RunFolder(other).metrics.name})"
+            )
     try:
-        paths = plot_run(run, fmt.num_classes, args.iterations, compare, fmt.class_names)
+        paths = plot_run(run.path, fmt.num_classes, args.iterations, compare, fmt.class_names)
     except ValueError as err:  # the metrics lack what a figure needs: say which, no traceback
         print(f"semiseg plot: {err}", file=sys.stderr)
         return 2

@@ -4,6 +4,16 @@ A config file is a nested mapping whose sections mirror the dataclasses below. E
 key is checked: an unknown key or a value of the wrong type is a `ConfigError` that
 names the dotted key, never a silent default. Overrides given on the command line
 (`optim.lr=0.01`) are parsed as YAML scalars and win over the file.
+
+The `scheme`, `policy` and `loss` sections are component sections: their `name` picks a
+registered component (`semiseg.registry`) and the other keys are checked against that
+component's own options dataclass, so an option of another component is an error that
+says whose it is. A layer (a child preset over its `base:`, or an override) that changes a
+component section's `name` starts that section afresh: the keys the lower layers gave the
+previous component are dropped. Schemes that learn from no online pseudo labels take no
+`policy` and `loss` sections; for the others an absent section means the default component
+(policy `threshold`, loss `ce`). After the sections are built, each chosen component
+checks the whole config (`check_config`) and refuses combinations it cannot run.
 """
 
 from __future__ import annotations
@@ -12,18 +22,24 @@ import dataclasses
 import os
 import types
 import typing
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
 
+from semiseg import config_legacy
 from semiseg.files import atomic_write_text
+from semiseg.options import ComponentOptions, ConfigError, OptionError, Options
 
-
-class ConfigError(ValueError):
-    """A configuration problem; the message names the offending dotted key."""
+__all__ = [
+    "Config",
+    "ConfigError",
+    "config_from_dict",
+    "config_from_saved",
+    "load_config",
+    "save_config",
+]
 
 
 @dataclass
@@ -87,167 +103,6 @@ class OptimConfig:
 
 
 @dataclass
-class SchemeConfig:
-    name: Literal[
-        "supervised", "fixmatch", "unimatch", "mean_teacher", "cps", "self_training", "stpg"
-    ] = "supervised"
-    ema_decay: float = 0.0
-    """Decay of an EMA copy of the student kept for evaluation (UniMatch/DAW use 0.999); 0 keeps none."""
-    eval_ema: bool = False
-    """Evaluate (and pick the best checkpoint by) the EMA copy instead of the raw student."""
-    aux_weight: float = 0.4
-    """Weight of a model's auxiliary head loss (PSPNet); ignored for models without one."""
-    unsup_weight: float = 1.0
-    """Weight of the unlabeled loss (mean teacher, CPS); FixMatch and UniMatch use their papers' fixed weights."""
-    teacher_decay: float = 0.99
-    """EMA decay of the mean teacher."""
-    cutmix_p: float = 0.5
-    """Probability that a strong view gets a CutMix box from the mix-source batch."""
-    cutmix_boxes: int = 1
-    """CutMix boxes per strong view (their union is pasted); STPG uses 3."""
-    cutmix_side: list[float] | None = None
-    """[lo, hi]: each box's height and width are fractions uniform in [lo, hi] of the crop's
-    (STPG: [0.25, 0.5]); None: UniMatch's box, area 0.02-0.4 of the crop."""
-    oracle_eval: bool = False
-    """Research diagnostics: read the unlabeled images' masks (if every line has one) to log
-    pseudo-label accuracy of used and discarded pixels. They never enter a loss."""
-
-
-@dataclass
-class PolicyConfig:
-    """Which unlabeled pixels teach the student, with what weight (semiseg.pseudo)."""
-
-    name: Literal["pseudo_label", "threshold", "ael", "daw", "rankweight"] = "threshold"
-    threshold: float = 0.95
-    """Confidence threshold of the `threshold` policy (FixMatch/UniMatch: 0.95)."""
-    power: float = 2.0
-    """Exponent of the `ael` power weight conf ** power."""
-    momentum: float = 0.99
-    """EMA momentum of DAW's statistics (Eq. 6)."""
-    align: bool = True
-    """DAW distribution alignment (Eq. 12-13)."""
-    weighting: bool = True
-    """DAW's optimal step threshold t* (Eq. 11); off leaves alignment alone (Table 4)."""
-    variant: Literal["paper", "official"] = "paper"
-    """Follow the paper's equations or reproduce the released code (see METHODS)."""
-    k: int = 5
-    """rankweight: size of the top-k index sets compared (the paper's 5)."""
-    bank_size: int = 256
-    """rankweight: features kept per class in each memory bank (psi)."""
-    per_update: int | None = 8
-    """rankweight: at most this many random features per class enter a bank per step (the
-    released code adds at most a batch's worth, 8 on VOC, so a bank of 256 spans 32 steps);
-    None: up to bank_size, so a frequent class's bank is refilled from every batch."""
-    similarity: Literal["rank", "cosine"] = "rank"
-    """rankweight: rank statistics (the method) or cosine similarity (its Fig. 6 comparison)."""
-    rppi: bool = True
-    """rankweight: prototypes also from detector-verified reliable unlabeled pixels (RPPI); off = PPW alone."""
-    reliable_threshold: float = 0.95
-    """rankweight: teacher confidence a detector-verified pixel needs to be reliable."""
-    base: Literal["threshold", "ael"] = "threshold"
-    """rankweight: the weight it multiplies, 1[conf >= threshold] or AEL's power weight."""
-    warmup: int = 0
-    """Labeled batches whose predictions (network in eval mode, nothing trained) feed a
-    stateful policy's statistics before the first step of a fresh run. For short fine-tuning
-    from a trained model, where DAW's EMA (m = 0.99) would otherwise be dominated by its
-    initial fit for hundreds of steps; 0 is the papers' behaviour."""
-
-
-@dataclass
-class LossConfig:
-    """How the student learns from the pseudo labels of unlabeled pixels (semiseg.losses)."""
-
-    name: Literal["ce", "fpl"] = "ce"
-    """'ce': cross-entropy with the policy's target; 'fpl': FPL's fuzzy positive loss (Eq. 7)
-    on the top-K set of the teacher (Alg. 1), times the policy's weight."""
-    T: float = 0.9
-    """FPL's cumulative probability bound (paper: 0.85, 0.9 or 0.95)."""
-    adaptive_weight: Literal["concave", "linear", "convex", "none"] = "concave"
-    """FPL's per-pixel weight: Eq. 11 (concave), Eq. 16 (linear, convex), or none."""
-    A: float = 50.0
-    """Steepness of the concave adaptive weight (Eq. 11)."""
-    variant: Literal["paper", "official"] = "paper"
-    """FPL as in the paper or as in its released code (K <= 3, >= T, top-(K+1) mean; see METHODS)."""
-    rescale: bool = False
-    """Scale the FPL loss by the detached ratio CE / FPL so its value equals the cross-entropy
-    loss, as the released CPS code does (the gradient direction stays FPL's)."""
-
-
-@dataclass
-class SelfTrainConfig:
-    """Offline self-training in rounds (scheme `self_training`; DARS, Sec. 3)."""
-
-    method: Literal["st", "cbst", "da", "dars"] = "dars"
-    """Pseudo-label generator (semiseg.pseudo.dars); DA+TS is `da` with `temperature` 1.27."""
-    alpha: list[float] = field(default_factory=lambda: [0.2])
-    """Labeling ratio of each round after round 0; its length is the number of such rounds."""
-    beta_min: list[float] = field(default_factory=lambda: [0.0])
-    """Per round, the random-scale range's lower bound becomes (1 - beta_min) * min (Sec. 3.3)."""
-    beta_max: list[float] = field(default_factory=lambda: [0.0])
-    """Per round, the upper bound becomes (1 + beta_max) * max."""
-    threshold: float | None = None
-    """ST with one confidence threshold instead of a labeling ratio."""
-    temperature: float = 1.0
-    """Teacher logits are divided by it before the softmax (temperature scaling, TS)."""
-    flip: bool = True
-    """Average the teacher's logits over a horizontal flip (the released DARS code does)."""
-    variant: Literal["paper", "official"] = "paper"
-    """'official': the released code's CBST (+1 pixel), per-image DARS sampling, float16 softmax."""
-
-
-@dataclass
-class STPGConfig:
-    """STPG's dual mean teacher with pixel selection and dual contrastive learning (scheme `stpg`)."""
-
-    selection: Literal["cons", "cons+lmis", "cons+hmis", "all"] = "cons+hmis"
-    """Gen-Teacher pixels that teach Pro-Student (Table 5): the method is cons+hmis; all = no selection (DM)."""
-    lambda_u: float = 1.0
-    """Weight of the two unlabeled losses (Eq. 17)."""
-    lambda_ctr: float = 0.1
-    """Weight of the anchor contrastive and similarity losses (Eq. 17); 0 turns DCL off."""
-    tau: float = 0.5
-    """Temperature of the anchor losses (Eq. 12, 15)."""
-    alpha: float = 0.99
-    """EMA momentum of the class prototypes (Eq. 13)."""
-    phi: float = 0.95
-    """Gen-Teacher confidence a labeled pixel needs to enter the memory bank."""
-    bank_size: int = 256
-    """Features per class in the memory bank (N)."""
-    bank_topk: int = 32
-    """Proximity-guided sampling: per class and step, the K confident features closest to their anchor enter the bank."""
-    match_after: int = 100
-    """Steps of prototype EMA before anchors are matched (Hungarian) and the contrastive losses start."""
-    anchor_steps: int = 2000
-    """Adam steps that spread the anchors (Eq. 12) once, before training."""
-    contrast_pixels: int = 2048
-    """Labeled pixels per student and step in the contrastive losses (a random subset, for memory)."""
-
-
-@dataclass
-class DetectorConfig:
-    """The object detector of reliable pseudo-label pixels (`semiseg detector`, RPPI)."""
-
-    classes: list[int] = field(default_factory=list)
-    """Segmentation classes the detector learns ("thing" classes; stuff classes get no boxes)."""
-    backbone: Literal["resnet50_fpn", "mobilenet_v3_fpn"] = "resnet50_fpn"
-    """torchvision Faster R-CNN backbone, trained from scratch (the paper: ResNet-50 FPN)."""
-    dir: str = "runs/detector"
-    """Folder of the detector's checkpoint and cached detections."""
-    iterations: int = 2000
-    batch_size: int = 4
-    lr: float = 5e-5
-    """Adam learning rate (the released code)."""
-    min_size: int = 800
-    max_size: int = 1333
-    """torchvision's resizing of detector inputs (shorter side, longer side cap)."""
-    score_threshold: float = 0.85
-    """Detections kept on unlabeled images (the paper: 0.85 VOC, 0.95 Cityscapes)."""
-    min_component_pixels: int = 0
-    """Components with fewer pixels of their class get no training box (the released code: 91)."""
-    checkpoint_every: int = 200
-
-
-@dataclass
 class TrainConfig:
     iterations: int = 1000
     eval_every: int = 200
@@ -269,23 +124,32 @@ class EvalConfig:
     """Class indices whose mean IoU is reported as tail mIoU (long-tailed datasets)."""
 
 
+COMPONENT = "component"
+"""Field metadata key of the component sections: the registry's kind."""
+
+
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    scheme: SchemeConfig = field(default_factory=SchemeConfig)
-    policy: PolicyConfig = field(default_factory=PolicyConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    selftrain: SelfTrainConfig = field(default_factory=SelfTrainConfig)
-    detector: DetectorConfig = field(default_factory=DetectorConfig)
-    stpg: STPGConfig = field(default_factory=STPGConfig)
+    scheme: ComponentOptions = field(default=None, metadata={COMPONENT: "scheme"})  # type: ignore[assignment]
+    """The scheme's options (`semiseg.schemes`); None in the constructor means the default scheme."""
+    policy: ComponentOptions | None = field(default=None, metadata={COMPONENT: "policy"})
+    """The pseudo-label policy's options (`semiseg.pseudo`); None for schemes without one."""
+    loss: ComponentOptions | None = field(default=None, metadata={COMPONENT: "loss"})
+    """The unlabeled loss's options (`semiseg.pseudo`); None for schemes without one."""
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = "runs/default"
 
+    def __post_init__(self) -> None:
+        if self.scheme is None:
+            registry = registries()["scheme"]
+            self.scheme = registry.options(registry.default)()
+
     def validate(self) -> None:
-        """Cross-field checks that a single type annotation cannot express."""
+        """Checks of the general sections that a single type annotation cannot express."""
         positive = {
             "data.crop_size": self.data.crop_size,
             "data.batch_size": self.data.batch_size,
@@ -298,49 +162,6 @@ class Config:
             positive["data.unlabeled_batch_size"] = self.data.unlabeled_batch_size
         if self.train.checkpoint_every is not None:
             positive["train.checkpoint_every"] = self.train.checkpoint_every
-        positive["loss.A"] = self.loss.A
-        if self.policy.warmup < 0:
-            raise ConfigError(f"policy.warmup must be >= 0, got {self.policy.warmup}")
-        positive["selftrain.temperature"] = self.selftrain.temperature
-        for key in ("iterations", "batch_size", "lr", "min_size", "max_size", "checkpoint_every"):
-            positive[f"detector.{key}"] = getattr(self.detector, key)
-        for key in ("tau", "bank_size", "bank_topk", "anchor_steps", "contrast_pixels"):
-            positive[f"stpg.{key}"] = getattr(self.stpg, key)
-        if self.stpg.lambda_u < 0 or self.stpg.lambda_ctr < 0:
-            raise ConfigError("stpg.lambda_u and stpg.lambda_ctr must be >= 0")
-        if not 0 <= self.stpg.alpha < 1 or not 0 <= self.stpg.phi <= 1:
-            raise ConfigError(
-                f"stpg.alpha must be in [0, 1) and stpg.phi in [0, 1], got {self.stpg.alpha}, {self.stpg.phi}"
-            )
-        if not 0 <= self.detector.score_threshold <= 1:
-            raise ConfigError(
-                f"detector.score_threshold must be in [0, 1], got {self.detector.score_threshold}"
-            )
-        rounds = self.selftrain
-        if not (len(rounds.alpha) == len(rounds.beta_min) == len(rounds.beta_max)):
-            raise ConfigError(
-                "selftrain.alpha, selftrain.beta_min and selftrain.beta_max need one value per round, got "
-                f"{len(rounds.alpha)}, {len(rounds.beta_min)} and {len(rounds.beta_max)}"
-            )
-        for key in ("alpha", "beta_min", "beta_max"):
-            bad = [v for v in getattr(rounds, key) if not 0.0 <= v <= 1.0]
-            if bad:
-                raise ConfigError(f"selftrain.{key} values must be in [0, 1], got {bad}")
-        if rounds.method == "st" and rounds.threshold is not None and not 0 < rounds.threshold <= 1:
-            raise ConfigError(f"selftrain.threshold must be in (0, 1], got {rounds.threshold}")
-        if not 0.0 <= self.loss.T <= 1.0:
-            raise ConfigError(f"loss.T must be in [0, 1], got {self.loss.T}")
-        if (
-            self.loss.name == "fpl"
-            and self.policy.name == "threshold"
-            and self.policy.threshold >= self.loss.T
-        ):
-            warnings.warn(
-                f"policy.threshold {self.policy.threshold} >= loss.T {self.loss.T}: every pixel the threshold "
-                "keeps has K = 1, so FPL reduces to (adaptively weighted) cross-entropy; use policy.name="
-                "pseudo_label or a lower threshold",
-                stacklevel=2,
-            )
         for key, value in positive.items():
             if value <= 0:
                 raise ConfigError(f"{key} must be positive, got {value}")
@@ -357,31 +178,23 @@ class Config:
             raise ConfigError(f"data.num_classes must be >= 2, got {self.data.num_classes}")
         if self.optim.lr <= 0:
             raise ConfigError(f"optim.lr must be positive, got {self.optim.lr}")
-        if not 0 <= self.scheme.ema_decay < 1:
-            raise ConfigError(f"scheme.ema_decay must be in [0, 1), got {self.scheme.ema_decay}")
-        if self.scheme.eval_ema and self.scheme.ema_decay == 0:
-            raise ConfigError("scheme.eval_ema needs scheme.ema_decay > 0")
-        if not 0 <= self.policy.threshold <= 1:
-            raise ConfigError(f"policy.threshold must be in [0, 1], got {self.policy.threshold}")
-        if not 0 <= self.policy.momentum < 1:
-            raise ConfigError(f"policy.momentum must be in [0, 1), got {self.policy.momentum}")
-        if not 0 <= self.scheme.cutmix_p <= 1:
-            raise ConfigError(f"scheme.cutmix_p must be in [0, 1], got {self.scheme.cutmix_p}")
-        if self.scheme.cutmix_boxes < 1:
-            raise ConfigError(
-                f"scheme.cutmix_boxes must be at least 1, got {self.scheme.cutmix_boxes}"
-            )
-        side = self.scheme.cutmix_side
-        if side is not None and (len(side) != 2 or not 0 < side[0] <= side[1] <= 1):
-            raise ConfigError(
-                f"scheme.cutmix_side must be [lo, hi] with 0 < lo <= hi <= 1, got {side}"
-            )
-        if not 0 <= self.scheme.teacher_decay < 1:
-            raise ConfigError(
-                f"scheme.teacher_decay must be in [0, 1), got {self.scheme.teacher_decay}"
-            )
         if self.train.amp == "fp16" and not self.train.device.startswith(("cuda", "auto")):
             raise ConfigError("train.amp=fp16 needs a CUDA device; use bf16 on CPU")
+
+
+def registries() -> dict:
+    """The component registries of the config's component sections, by kind."""
+    from semiseg.pseudo import LOSSES, POLICIES
+    from semiseg.schemes import SCHEMES
+
+    return {"scheme": SCHEMES, "policy": POLICIES, "loss": LOSSES}
+
+
+def component_sections() -> dict[str, str]:
+    """Config field name -> registry kind, for the component sections."""
+    return {
+        f.name: f.metadata[COMPONENT] for f in dataclasses.fields(Config) if COMPONENT in f.metadata
+    }
 
 
 def _type_name(tp: Any) -> str:
@@ -462,7 +275,8 @@ def build_dataclass(cls: type, data: dict, prefix: str = "") -> Any:
         dotted = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
             known = ", ".join(sorted(names))
-            raise ConfigError(f"unknown key '{dotted}' (known keys here: {known})")
+            hint = config_legacy.moved_section(dotted) if not prefix else None
+            raise ConfigError(hint or f"unknown key '{dotted}' (known keys here: {known})")
         kwargs[key] = _coerce(value, hints[key], dotted)
     return cls(**kwargs)
 
@@ -493,14 +307,64 @@ def parse_overrides(items: list[str]) -> dict:
     return tree
 
 
-def _merge(base: dict, update: dict) -> dict:
+def _merge(base: dict, update: dict, top: bool = True) -> dict:
+    """`update` over `base`, recursively; at the top level a component section whose `name`
+    `update` changes is replaced instead of merged (see the module docstring)."""
     out = dict(base)
+    components = component_sections() if top else {}
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+        old = out.get(key)
+        renamed = (
+            key in components
+            and isinstance(value, dict)
+            and isinstance(old, dict)
+            and "name" in value
+            and value["name"] != old.get("name")
+        )
+        if isinstance(value, dict) and isinstance(old, dict) and not renamed:
+            out[key] = _merge(old, value, top=False)
         else:
             out[key] = value
     return out
+
+
+def _component(kind: str, raw: Any, registry: Any) -> ComponentOptions:
+    """The options of the component a section names, every key checked against them."""
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{kind}: expected a mapping (section), got {raw!r}")
+    name = raw.get("name", registry.default)
+    if not isinstance(name, str) or name not in registry:
+        raise ConfigError(
+            f"{kind}.name: unknown {kind} {name!r}; available: {', '.join(registry.names())}"
+        )
+    options_cls = registry.options(name)
+    known = {f.name for f in dataclasses.fields(options_cls)}
+    for key in raw:
+        if key not in known:
+            owners = [other for other in registry.owners(key) if other != name]
+            whose = (
+                f"; it is an option of {kind} {', '.join(repr(o) for o in owners)}"
+                if owners
+                else ""
+            )
+            takes = ", ".join(sorted(known - {"name"})) or "no options"
+            raise ConfigError(
+                f"{kind}.{key} is not an option of {kind} {name!r}{whose} ({name!r} takes: {takes})"
+            )
+    return build_dataclass(options_cls, raw, kind)
+
+
+def _validate_options(options: Options, prefix: str) -> None:
+    """`validate` of an options dataclass and of the options nested in it, errors prefixed."""
+    try:
+        options.validate()
+    except OptionError as err:
+        raise ConfigError(f"{prefix}.{err.key} {err.message}") from None
+    for f in dataclasses.fields(options):
+        value = getattr(options, f.name)
+        if isinstance(value, Options):
+            _validate_options(value, f"{prefix}.{f.name}")
 
 
 def config_from_dict(data: dict, overrides: list[str] | None = None) -> Config:
@@ -508,9 +372,37 @@ def config_from_dict(data: dict, overrides: list[str] | None = None) -> Config:
     if not isinstance(data, dict):
         raise ConfigError(f"a config must be a mapping at the top level, got {type(data).__name__}")
     merged = _merge(data, parse_overrides(overrides or []))
-    cfg = build_dataclass(Config, merged)
+    kinds = component_sections()
+    plain = {k: v for k, v in merged.items() if k not in kinds}
+    cfg = build_dataclass(Config, plain)
+    found = registries()
+    cfg.scheme = _component("scheme", merged.get("scheme"), found["scheme"])
+    teaches = found["scheme"].get(cfg.scheme.name).teaches
+    for section in ("policy", "loss"):
+        raw = merged.get(section)
+        # A scheme without online pseudo labels keeps an explicit section, for its own
+        # check_config to refuse with the reason; absent, it gets none.
+        setattr(
+            cfg,
+            section,
+            _component(section, raw, found[section]) if teaches or raw is not None else None,
+        )
     cfg.validate()
+    for section in kinds:
+        options = getattr(cfg, section)
+        if options is not None:
+            _validate_options(options, section)
+    for section, kind in kinds.items():
+        options = getattr(cfg, section)
+        if options is not None:
+            found[kind].get(options.name).check_config(cfg)
     return cfg
+
+
+def config_from_saved(data: dict) -> Config:
+    """The `Config` of a saved config (a checkpoint's, a run folder's config.yaml), written by
+    this or an earlier semiseg (`semiseg.config_legacy` upgrades the old layout)."""
+    return config_from_dict(config_legacy.upgrade(data))
 
 
 def read_config_tree(path: Path, _chain: tuple[Path, ...] = ()) -> dict:
@@ -545,6 +437,15 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     data = read_config_tree(path)
     try:
         return config_from_dict(data, overrides)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def load_saved_config(path: str | os.PathLike) -> Config:
+    """The config a run folder saved (`RUN/config.yaml`), of this or an earlier semiseg."""
+    path = Path(path)
+    try:
+        return config_from_saved(read_config_tree(path))
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
 

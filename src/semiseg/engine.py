@@ -3,19 +3,24 @@
 Devices and DDP, the optimiser with backbone/head learning rates and the poly schedule,
 AMP, logging (progress bar, JSON lines, TensorBoard), periodic evaluation, atomic
 best/latest checkpoints and exact resume all live here; a scheme only turns batches
-into a loss. Only this module and the CLI touch the file system.
+into a loss. The engine names no method: the scheme's class says which networks and
+unlabeled views it needs, and the teaching path (`semiseg.schemes.teaching`) builds the
+policy and the unlabeled loss from their registries. The offline pipeline (self-training
+rounds, pseudo-label sets, the detector) sits above it and calls it; nothing here imports
+it. Only the engine, the offline pipeline and the CLI touch the file system
+(`semiseg.run_folder` names every file).
 """
 
 from __future__ import annotations
 
-import functools
-import json
+import io
 import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
@@ -30,13 +35,13 @@ from semiseg.checkpoint import (
     save_atomic,
     seed_everything,
 )
-from semiseg.config import Config, ConfigError, config_from_dict, config_to_dict, save_config
+from semiseg.config import Config, ConfigError, config_from_saved, config_to_dict, save_config
 from semiseg.data.dataset import SegmentationDataset, check_samples
+from semiseg.data.detections import DetectionCache
 from semiseg.data.formats import DataError, DatasetFormat, Sample, get_format
 from semiseg.data.sampling import ResumableSampler, ShardSampler
 from semiseg.data.splits import read_split, resolve_list
-from semiseg.data.transforms import TrainTransform, UnlabeledTransform, eval_transform
-from semiseg.detection import check_detections, detection_bitmask
+from semiseg.data.transforms import TrainTransform, UnlabeledTransform, denormalize, eval_transform
 from semiseg.distributed import (
     DistContext,
     all_gather_objects,
@@ -47,12 +52,12 @@ from semiseg.distributed import (
     init_distributed,
 )
 from semiseg.evaluation import SegmentationScores, evaluate
-from semiseg.files import atomic_write_text
+from semiseg.files import atomic_write
 from semiseg.metrics_log import MetricsLogger
 from semiseg.models import build_model
-from semiseg.pseudo import Policy, build_policy
-from semiseg.schemes import Scheme, get_scheme, unwrap
-from semiseg.snapshots import save_fpl_k_maps
+from semiseg.pseudo import PolicyContext
+from semiseg.run_folder import RunFolder, final_record
+from semiseg.schemes import SCHEMES, Scheme, Teaching, Views, unwrap
 
 # Keys that change how a run is executed or reported but not what it computes, so a
 # resumed run may change them.
@@ -80,8 +85,16 @@ class DataBundle:
     pseudo_labeled: list[Sample] | None = None
 
 
-def load_data(cfg: Config, need_unlabeled: bool, need_pseudo: bool = False) -> DataBundle:
-    """Read the split lists and check the files up front, so bad data fails before training starts."""
+def load_data(
+    cfg: Config,
+    views: Views | None,
+    need_pseudo: bool = False,
+    detections: DetectionCache | None = None,
+) -> DataBundle:
+    """Read the split lists and check the files up front, so bad data fails before training
+    starts: the unlabeled list when the scheme reads unlabeled `views`, the pseudo-labeled
+    list for offline self-training, the cached detections of the unlabeled images when the
+    policy reads them."""
     root = Path(cfg.data.root).expanduser()
     if not root.is_dir():
         raise DataError(f"data.root: dataset folder not found: {root}")
@@ -98,7 +111,7 @@ def load_data(cfg: Config, need_unlabeled: bool, need_pseudo: bool = False) -> D
     class_names = list(fmt.class_names) if fmt.class_names else [str(i) for i in range(num_classes)]
     labeled = read_split(resolve_list(cfg.data.labeled, root), root, require_mask=True)
     unlabeled = None
-    if need_unlabeled:
+    if views is not None:
         if not cfg.data.unlabeled:
             raise DataError(
                 f"scheme {cfg.scheme.name!r} needs data.unlabeled (a split list of unlabeled images)"
@@ -119,7 +132,7 @@ def load_data(cfg: Config, need_unlabeled: bool, need_pseudo: bool = False) -> D
     deep = cfg.data.check == "deep"
     check_samples(labeled, fmt, deep=deep, desc="check labeled")
     check_samples(val, fmt, deep=deep, desc="check val")
-    if unlabeled is not None and cfg.scheme.oracle_eval:
+    if unlabeled is not None and getattr(cfg.scheme, "oracle_eval", False):
         missing = [s.image for s in unlabeled if s.mask is None]
         if missing:
             raise DataError(
@@ -132,6 +145,8 @@ def load_data(cfg: Config, need_unlabeled: bool, need_pseudo: bool = False) -> D
         check_samples(
             [Sample(s.image, None) for s in unlabeled], fmt, deep=False, desc="check unlabeled"
         )
+    if unlabeled is not None and detections is not None:
+        detections.check(len(unlabeled))
     return DataBundle(fmt, num_classes, class_names, labeled, unlabeled, val, pseudo)
 
 
@@ -156,38 +171,33 @@ class WindowMeans:
         return {key: float(total) / self.counts[key] for key, total in self.sums.items()}
 
 
-# The PolicyConfig fields each policy takes; the rest of the section does not apply to it.
-POLICY_OPTIONS = {
-    "pseudo_label": (),
-    "threshold": ("threshold",),
-    "ael": ("power",),
-    "daw": ("momentum", "align", "weighting", "variant"),
-    "rankweight": (
-        "threshold",
-        "k",
-        "bank_size",
-        "per_update",
-        "similarity",
-        "variant",
-        "rppi",
-        "reliable_threshold",
-        "base",
-        "power",
-    ),
-}
-
-
-def build_policy_from_config(cfg: Config, num_classes: int, ctx: DistContext) -> Policy:
-    options = {key: getattr(cfg.policy, key) for key in POLICY_OPTIONS[cfg.policy.name]}
-    if cfg.policy.name == "rankweight":
-        options.update(
-            detector_classes=cfg.detector.classes,
-            gather=all_gather_pairs if ctx.distributed else None,
-            seed=cfg.train.seed,
-        )
-    return build_policy(
-        cfg.policy.name, num_classes, reduce=all_reduce_sum if ctx.distributed else None, **options
+def policy_context(cfg: Config, ctx: DistContext) -> PolicyContext:
+    """What a policy gets from this run: reductions over processes under DDP, and the seed."""
+    distributed = ctx.distributed
+    return PolicyContext(
+        reduce=all_reduce_sum if distributed else None,
+        gather=all_gather_pairs if distributed else None,
+        seed=cfg.train.seed,
     )
+
+
+def build_scheme(
+    cfg: Config,
+    models: dict[str, nn.Module],
+    num_classes: int,
+    context: PolicyContext | None = None,
+) -> Scheme:
+    """The scheme of `cfg` over its networks `models` (name -> network, in the scheme's
+    `model_names`), with the policy and unlabeled loss of the teaching path when it has one."""
+    scheme_cls = SCHEMES.get(cfg.scheme.name)
+    teaching = Teaching.from_config(cfg, num_classes, context) if scheme_cls.teaches else None
+    return scheme_cls(cfg, models, num_classes, teaching)
+
+
+def detection_cache(cfg: Config) -> DetectionCache | None:
+    """The cached detections the run's policy reads, if it reads any."""
+    found = cfg.policy.detections() if cfg.policy is not None else None
+    return DetectionCache(*found) if found is not None else None
 
 
 def warm_start_sources(init_from: str | list[str], model_names: tuple[str, ...]) -> dict[str, str]:
@@ -222,8 +232,10 @@ def _load_weights(model: nn.Module, state: dict[str, Tensor], path: str) -> None
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # tensor shape mismatches
         raise ValueError(f"model.init_from: {path} does not fit this model: {err}") from None
-    # A warm start from a run without a projection head leaves the new head as initialised.
+    # A projection head (STPG's contrastive losses) is trained per run: one the checkpoint
+    # lacks stays as initialised, one this model lacks is not needed.
     missing = [k for k in missing if not k.startswith("projector.")]
+    unexpected = [k for k in unexpected if not k.startswith("projector.")]
     if missing or unexpected:
         raise ValueError(
             f"model.init_from: {path} does not fit this model (missing keys: {missing[:5]}, "
@@ -236,10 +248,11 @@ def poly_factor(iteration: int, total: int, power: float) -> float:
 
 
 def _with_defaults(saved: dict) -> dict:
-    """A saved config with options added since it was written filled in by their defaults, so a
-    run resumes under a newer semiseg; one that no longer parses is compared as it is."""
+    """A saved config with options added since it was written filled in by their defaults (and
+    an old layout upgraded), so a run resumes under a newer semiseg; one that no longer parses
+    is compared as it is."""
     try:
-        return config_to_dict(config_from_dict(saved))
+        return config_to_dict(config_from_saved(saved))
     except ConfigError:
         return saved
 
@@ -257,6 +270,10 @@ def _config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
+SNAPSHOT_IMAGES = 4
+"""Unlabeled images whose per-evaluation snapshots a component keeps (FPL's K maps)."""
+
+
 class Trainer:
     """Builds everything a run needs from a `Config` and trains it; `run()` returns the final scores."""
 
@@ -268,14 +285,16 @@ class Trainer:
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.progress = progress and self.ctx.is_main
-        self.run_dir = Path(cfg.output_dir)
-        self.scheme_cls = get_scheme(cfg.scheme.name)
+        self.folder = RunFolder(cfg.output_dir)
+        self.run_dir = self.folder.path
+        self.scheme_cls = SCHEMES.get(cfg.scheme.name)
+        self.detections = detection_cache(cfg)
         self.data = load_data(
-            cfg, self.scheme_cls.uses_unlabeled, self.scheme_cls.uses_pseudo_labels
+            cfg, self.scheme_cls.views, self.scheme_cls.uses_pseudo_labels, self.detections
         )
         self.num_classes = self.data.num_classes
 
-        latest = self.run_dir / "latest.pt"
+        latest = self.folder.latest
         resuming = latest.exists() and not restart
         warm_starts = {}
         if cfg.model.init_from and not resuming:
@@ -294,18 +313,18 @@ class Trainer:
                 self.num_classes,
                 pretrained=cfg.model.pretrained,
                 output_stride=cfg.model.output_stride,
-                projection_dim=self.scheme_cls.projection_dim,
+                projection_dim=self.scheme_cls.projection_dim(cfg.scheme),
             )
             if name in warm_starts:
                 # Before the scheme exists, so teachers and EMA copies start from it too.
                 _load_weights(model, loaded[warm_starts[name]], warm_starts[name])
             models[name] = self._prepare(model)
-        policy = None
-        if self.scheme_cls.uses_unlabeled:
-            policy = build_policy_from_config(cfg, self.num_classes, self.ctx)
-        if policy is not None and self._uses_detections():
-            check_detections(cfg, len(self.data.unlabeled or []))
-        self.scheme: Scheme = self.scheme_cls(cfg, models, self.num_classes, policy)
+        self.teaching = None
+        if self.scheme_cls.teaches:
+            self.teaching = Teaching.from_config(
+                cfg, self.num_classes, policy_context(cfg, self.ctx)
+            )
+        self.scheme: Scheme = self.scheme_cls(cfg, models, self.num_classes, self.teaching)
         self.optimizer = torch.optim.SGD(
             self.scheme.parameter_groups(cfg.optim.lr, cfg.optim.head_lr_mult),
             lr=cfg.optim.lr,
@@ -318,6 +337,7 @@ class Trainer:
         ]
         self.scaler = torch.amp.GradScaler(self.ctx.device.type, enabled=cfg.train.amp == "fp16")
         self.iteration = 0
+        self.lr = cfg.optim.lr
         self.best = {"miou": -1.0, "iteration": 0}
         self.last_scores: SegmentationScores | None = None
         # Training randomness starts from the seed, not from wherever model building left it;
@@ -326,9 +346,6 @@ class Trainer:
         if resuming:
             self._resume(latest)
 
-    def _uses_detections(self) -> bool:
-        return self.cfg.policy.name == "rankweight" and self.cfg.policy.rppi
-
     def _prepare(self, model: nn.Module) -> nn.Module:
         model = model.to(self.ctx.device)
         if self.ctx.distributed:
@@ -336,7 +353,11 @@ class Trainer:
             if self.ctx.device.type == "cuda":
                 model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
             ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
-            model = DistributedDataParallel(model, device_ids=ids)
+            # Parameters a step may legitimately leave without gradient (a PSPNet auxiliary head
+            # under a semi-supervised scheme, STPG's projection heads before matching) would
+            # otherwise stop DDP's reducer at the next step.
+            unused = self.scheme_cls.may_leave_unused(self.cfg.scheme, model)
+            model = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=unused)
         return model
 
     # ----------------------------------------------------------------- data
@@ -387,6 +408,61 @@ class Trainer:
             generator=torch.Generator().manual_seed(0),
         )
 
+    def _weak_transform(self) -> TrainTransform:
+        data = self.cfg.data
+        return TrainTransform(data.crop_size, tuple(data.scale_range), hflip=data.hflip)
+
+    def _unlabeled_transform(self, weak: TrainTransform) -> UnlabeledTransform:
+        """The weak crop and the strong views and CutMix boxes the scheme declares."""
+        views, options = self.scheme_cls.views, self.cfg.scheme
+        assert views is not None
+        side = options.cutmix_side
+        return UnlabeledTransform(
+            weak,
+            cutmix_p=options.cutmix_p,
+            cutmix_boxes=options.cutmix_boxes,
+            cutmix_side=tuple(side) if side is not None else None,
+            strong_views=views.strong,
+            boxes=views.boxes,
+        )
+
+    def _streams(self) -> tuple[Iterator, Iterator | None, Iterator | None]:
+        """The labeled stream and, as the scheme asks, the unlabeled and CutMix-source
+        streams (or the pseudo-labeled stream of a self-training round)."""
+        cfg = self.cfg
+        weak = self._weak_transform()
+        labeled = self._train_loader(
+            self.data.labeled, cfg.data.batch_size, True, cfg.train.seed, weak
+        )
+        batch_u = cfg.data.unlabeled_batch_size or cfg.data.batch_size
+        views = self.scheme_cls.views
+        if views is not None:
+            assert self.data.unlabeled is not None
+            transform = self._unlabeled_transform(weak)
+            oracle = getattr(cfg.scheme, "oracle_eval", False)
+            boxes = self.detections.bitmask if self.detections is not None else None
+            unlabeled = self._train_loader(
+                self.data.unlabeled, batch_u, oracle, cfg.train.seed + 1, transform, boxes
+            )
+            mix = None
+            if views.mix:
+                # The CutMix source is a second, independently drawn unlabeled stream (the
+                # released UniMatch code pastes a differently augmented copy of the same batch).
+                mix = self._train_loader(
+                    self.data.unlabeled, batch_u, False, cfg.train.seed + 2, transform, boxes
+                )
+            return labeled, unlabeled, mix
+        if self.data.pseudo_labeled is not None:
+            # Self-training: pseudo-labeled crops augmented like the labeled ones (DARS Eq. 2).
+            return (
+                labeled,
+                self._train_loader(
+                    self.data.pseudo_labeled, batch_u, True, cfg.train.seed + 1, weak
+                ),
+                None,
+            )
+        return labeled, None, None
+
     # ----------------------------------------------------------- checkpoints
     def _checkpoint(self, with_optimizer: bool) -> dict:
         ckpt = {
@@ -411,7 +487,7 @@ class Trainer:
         if self.ctx.is_main:
             ckpt = self._checkpoint(with_optimizer=True)
             ckpt["rng"] = rng
-            save_atomic(ckpt, self.run_dir / "latest.pt")
+            save_atomic(ckpt, self.folder.latest)
         barrier(self.ctx)
 
     def _resume(self, path: Path) -> None:
@@ -448,6 +524,22 @@ class Trainer:
             group["lr"] = self.cfg.optim.lr * group["lr_mult"] * factor
         return self.cfg.optim.lr * factor
 
+    def step_on(self, labeled: dict, unlabeled: dict | None, mix: dict | None, iteration: int):
+        """One optimiser step of the scheme on the given (device) batches: the learning rate
+        of `iteration`, the scheme's loss under autocast, backward, SGD, teacher/EMA updates.
+        Returns the scheme's `StepOutput`."""
+        self.lr = self._set_lr(iteration)
+        with torch.autocast(
+            self.ctx.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
+        ):
+            out = self.scheme.training_step(labeled, unlabeled, mix, iteration)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(out.loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheme.after_optimizer_step(iteration)
+        return out
+
     def evaluate(self) -> SegmentationScores:
         data = self.cfg.data
         return evaluate(
@@ -470,22 +562,51 @@ class Trainer:
         if logger is None:
             return
         logger.log(self.iteration, "val", scores.as_dict(self.data.class_names))
-        if self.cfg.loss.name == "fpl" and self.data.unlabeled:
-            save_fpl_k_maps(
-                self.scheme.eval_model(),
-                self.data.unlabeled,
-                self.data.fmt,
-                self.cfg,
-                self.iteration,
-                self.ctx.device,
-            )
+        self._save_snapshots()
         if improved:
             ckpt = self._checkpoint(with_optimizer=False)
             ckpt["scores"] = scores.as_dict(self.data.class_names)
-            save_atomic(ckpt, self.run_dir / "best.pt")
+            save_atomic(ckpt, self.folder.best)
         tqdm.write(
             f"[iter {self.iteration}] val mIoU {100 * scores.miou:.2f} (best {100 * self.best['miou']:.2f} @ {self.best['iteration']})"
         )
+
+    @torch.no_grad()
+    def _save_snapshots(self) -> None:
+        """Per-evaluation arrays of the components that keep them (FPL's K maps): the evaluated
+        network predicts the first few unlabeled images (validation preprocessing, no
+        augmentation), each component turns the probabilities into arrays, and they are
+        stored with the images in RUN/<component's folder>/iter_NNNNNN.npz."""
+        if self.teaching is None or not self.data.unlabeled:
+            return
+        keepers = [
+            c
+            for c in (self.teaching.policy, self.teaching.loss)
+            if getattr(c, "snapshot_dir", None)
+        ]
+        if not keepers:
+            return
+        data = self.cfg.data
+        transform = eval_transform("resize", data.eval_size or data.crop_size)
+        dataset = SegmentationDataset(
+            self.data.unlabeled[:SNAPSHOT_IMAGES], self.data.fmt, transform, with_mask=False
+        )
+        images = torch.stack([dataset[i]["image"] for i in range(len(dataset))]).to(self.ctx.device)
+        model = self.scheme.eval_model()
+        was_training = model.training
+        model.eval()
+        probs = model(images).logits.float().softmax(dim=1)
+        model.train(was_training)
+        shown = denormalize(images.cpu()).permute(0, 2, 3, 1).numpy()
+        for component in keepers:
+            arrays = component.snapshot(probs)
+            if arrays is None:
+                continue
+            buffer = io.BytesIO()
+            np.savez_compressed(buffer, images=shown, iteration=np.int64(self.iteration), **arrays)
+            content = buffer.getvalue()
+            path = self.folder.snapshot(component.snapshot_dir, self.iteration)
+            atomic_write(path, lambda tmp, content=content: Path(tmp).write_bytes(content))
 
     def run(self) -> dict:
         cfg = self.cfg
@@ -493,7 +614,7 @@ class Trainer:
         logger = None
         if self.ctx.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
+            save_config(cfg, self.folder.config)
             logger = MetricsLogger(self.run_dir, resume_iteration=self.iteration)
             params = sum(p.numel() for m in self.scheme.models.values() for p in m.parameters())
             unlabeled = len(self.data.unlabeled) if self.data.unlabeled is not None else 0
@@ -515,7 +636,7 @@ class Trainer:
         """`policy.warmup` labeled batches, from a stream of their own (the training streams
         are untouched, so a resume stays exact), update the policy's statistics."""
         cfg = self.cfg
-        policy: Policy = self.scheme.policy  # type: ignore[attr-defined]
+        assert self.teaching is not None
         model = self.scheme.models[self.scheme_cls.model_names[0]]
         stream = self._train_loader(
             self.data.labeled, cfg.data.batch_size, True, cfg.train.seed + 3, transform
@@ -528,43 +649,14 @@ class Trainer:
             dynamic_ncols=True,
         ):
             batch = Scheme.to_device(next(stream), self.ctx.device)
-            out = model(batch["image"])
-            policy.update(out.logits.float().softmax(dim=1), batch["mask"], out.features)
+            self.teaching.observe(model(batch["image"]), batch["mask"])
         model.train()
 
     def _loop(self, logger: MetricsLogger | None, total: int) -> dict:
         cfg = self.cfg
-        weak = TrainTransform(cfg.data.crop_size, tuple(cfg.data.scale_range), hflip=cfg.data.hflip)
-        labeled_iter = self._train_loader(
-            self.data.labeled, cfg.data.batch_size, True, cfg.train.seed, weak
-        )
-        unlabeled_iter = mix_iter = None
-        if self.data.unlabeled is not None:
-            batch_u = cfg.data.unlabeled_batch_size or cfg.data.batch_size
-            side = cfg.scheme.cutmix_side
-            views = UnlabeledTransform(
-                weak,
-                cutmix_p=cfg.scheme.cutmix_p,
-                cutmix_boxes=cfg.scheme.cutmix_boxes,
-                cutmix_side=tuple(side) if side is not None else None,
-            )
-            oracle = cfg.scheme.oracle_eval
-            boxes = functools.partial(detection_bitmask, cfg) if self._uses_detections() else None
-            unlabeled_iter = self._train_loader(
-                self.data.unlabeled, batch_u, oracle, cfg.train.seed + 1, views, boxes
-            )
-            # UniMatch draws the CutMix source as a second, independent unlabeled stream.
-            mix_iter = self._train_loader(
-                self.data.unlabeled, batch_u, False, cfg.train.seed + 2, views, boxes
-            )
-        elif self.data.pseudo_labeled is not None:
-            # Self-training: pseudo-labeled crops augmented like the labeled ones (DARS Eq. 2).
-            batch_u = cfg.data.unlabeled_batch_size or cfg.data.batch_size
-            unlabeled_iter = self._train_loader(
-                self.data.pseudo_labeled, batch_u, True, cfg.train.seed + 1, weak
-            )
-        if self.iteration == 0 and cfg.policy.warmup and unlabeled_iter is not None:
-            self._warm_up_policy(weak)
+        labeled_iter, unlabeled_iter, mix_iter = self._streams()
+        if self.iteration == 0 and self.teaching is not None and cfg.policy.warmup:
+            self._warm_up_policy(self._weak_transform())
         checkpoint_every = cfg.train.checkpoint_every or cfg.train.eval_every
         device = self.ctx.device
         self.scheme.train()
@@ -577,19 +669,10 @@ class Trainer:
         )
         window_start, window = time.perf_counter(), WindowMeans()
         while self.iteration < total:
-            lr = self._set_lr(self.iteration)
             labeled = Scheme.to_device(next(labeled_iter), device)
             unlabeled = Scheme.to_device(next(unlabeled_iter), device) if unlabeled_iter else None
             mix = Scheme.to_device(next(mix_iter), device) if mix_iter else None
-            with torch.autocast(
-                device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
-            ):
-                out = self.scheme.training_step(labeled, unlabeled, mix, self.iteration)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(out.loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.scheme.after_optimizer_step(self.iteration)
+            out = self.step_on(labeled, unlabeled, mix, self.iteration)
             self.iteration += 1
             bar.update(1)
             window.add({"loss": out.loss.detach(), **out.logs})
@@ -600,11 +683,11 @@ class Trainer:
                         f"training loss is {means['loss']} at iteration {self.iteration}; "
                         "lower optim.lr or check the data (the last checkpoint is intact)"
                     )
-                means["lr"] = lr
+                means["lr"] = self.lr
                 means["sec_per_iter"] = (time.perf_counter() - window_start) / window.steps
                 if logger is not None:
                     logger.log(self.iteration, "train", means)
-                bar.set_postfix(loss=f"{means['loss']:.3f}", lr=f"{lr:.2e}")
+                bar.set_postfix(loss=f"{means['loss']:.3f}", lr=f"{self.lr:.2e}")
                 window_start, window = time.perf_counter(), WindowMeans()
             evaluated = False
             if self.iteration % cfg.train.eval_every == 0 or self.iteration == total:
@@ -616,26 +699,21 @@ class Trainer:
                 # Evaluation time is not training time.
                 window_start = time.perf_counter()
         bar.close()
-        final = {
-            "iteration": self.iteration,
-            "best_miou": self.best["miou"],
-            "best_iteration": self.best["iteration"],
-        }
-        if self.last_scores is not None:
-            final["final"] = self.last_scores.as_dict(self.data.class_names)
+        return self._finish()
+
+    def _finish(self) -> dict:
+        """Write final.json. A run that was already finished (its command run again) trained and
+        evaluated nothing now: it keeps the scores its final.json holds."""
+        scores = (
+            self.last_scores.as_dict(self.data.class_names)
+            if self.last_scores is not None
+            else None
+        )
+        if scores is None:
+            previous = self.folder.read_final() or {}
+            if previous.get("iteration") == self.iteration:
+                scores = previous.get("final")
+        final = final_record(self.iteration, self.best["miou"], self.best["iteration"], scores)
         if self.ctx.is_main:
-            atomic_write_text(self.run_dir / "final.json", json.dumps(final, indent=2) + "\n")
+            self.folder.write_final(final)
         return final
-
-
-def train(cfg: Config, *, restart: bool = False, progress: bool = True) -> dict:
-    """Train `cfg` to the end (resuming its run folder); returns what final.json holds.
-
-    Scheme `self_training` without `data.pseudo_labeled` is the whole multi-round
-    self-training run (`semiseg.selftrain`); every other config is one run of the Trainer.
-    """
-    if cfg.scheme.name == "self_training" and not cfg.data.pseudo_labeled:
-        from semiseg.selftrain import self_train
-
-        return self_train(cfg, restart=restart, progress=progress)
-    return Trainer(cfg, restart=restart, progress=progress).run()

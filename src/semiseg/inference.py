@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from semiseg.checkpoint import load_checkpoint
-from semiseg.config import Config, config_from_dict
+from semiseg.config import Config, config_from_saved
 from semiseg.data.dataset import SegmentationDataset, check_samples
 from semiseg.data.formats import DataError, Sample, colorize, get_format
 from semiseg.data.splits import read_split, resolve_list
@@ -20,7 +20,6 @@ from semiseg.data.transforms import eval_transform
 from semiseg.distributed import resolve_device
 from semiseg.evaluation import SegmentationScores, evaluate, predict_logits
 from semiseg.models import build_model
-from semiseg.schemes import get_scheme
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -30,15 +29,21 @@ def load_trained_model(
 ) -> tuple[torch.nn.Module, Config, dict]:
     """The checkpoint's evaluation network (EMA copy when the run evaluated it), in eval mode."""
     ckpt = load_checkpoint(path, map_location="cpu")
-    cfg = config_from_dict(ckpt["config"])
-    # The weights come from the checkpoint, so no pretrained file is needed to rebuild it.
+    cfg = config_from_saved(ckpt["config"])
+    # The weights come from the checkpoint, so no pretrained file is needed to rebuild it;
+    # they also say whether the network has a projection head, and how wide.
+    projection = [
+        v
+        for k, v in ckpt["eval_model"].items()
+        if k.startswith("projector.") and k.endswith(".weight")
+    ]
     model = build_model(
         cfg.model.name,
         cfg.model.backbone,
         ckpt["num_classes"],
         pretrained=None,
         output_stride=cfg.model.output_stride,
-        projection_dim=get_scheme(cfg.scheme.name).projection_dim,
+        projection_dim=projection[-1].shape[0] if projection else None,
     )
     model.load_state_dict(ckpt["eval_model"])
     return model.to(device).eval(), cfg, ckpt

@@ -7,6 +7,8 @@ import math
 import time
 from pathlib import Path
 
+from semiseg.run_folder import RunFolder
+
 
 class MetricsLogger:
     """Appends one JSON object per event to `metrics.jsonl`; mirrors numbers to TensorBoard.
@@ -19,15 +21,16 @@ class MetricsLogger:
     def __init__(
         self, run_dir: Path, resume_iteration: int | None = None, tensorboard: bool = True
     ):
-        self.path = run_dir / "metrics.jsonl"
-        run_dir.mkdir(parents=True, exist_ok=True)
+        folder = RunFolder(run_dir)
+        self.path = folder.metrics
+        folder.path.mkdir(parents=True, exist_ok=True)
         if resume_iteration is not None and self.path.exists():
             self._truncate_after(resume_iteration)
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            self.writer = SummaryWriter(log_dir=str(folder.tensorboard))
         self._handle = self.path.open("a")
 
     def _truncate_after(self, iteration: int) -> None:

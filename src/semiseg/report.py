@@ -26,7 +26,8 @@ from scipy.stats import truncnorm
 
 from semiseg.files import atomic_write
 from semiseg.metrics_log import read_metrics
-from semiseg.snapshots import load_k_maps
+from semiseg.pseudo.fpl import FuzzyPositiveLoss
+from semiseg.run_folder import RunFolder, read_snapshots
 
 FIT_KEYS = ("policy/mu_pos", "policy/sigma_pos", "policy/mu_neg", "policy/sigma_neg", "policy/t")
 
@@ -292,14 +293,15 @@ def plot_run(
 ) -> list[Path]:
     """Write every figure this run's metrics support; returns their paths. `compare`: other
     run folders whose pseudo-label accuracy is drawn next to this run's."""
-    records = read_metrics(run / "metrics.jsonl")
-    out = run / "plots"
+    folder = RunFolder(run)
+    records = read_metrics(folder.metrics)
+    out = folder.plots
     paths = [plot_pseudo_label_curves(records, out)]
     if compare:
         # Bench runs live in METHOD/seedN: the last two parts tell them apart.
         runs = {"/".join(run.parts[-2:]): records}
         for other in compare:
-            runs["/".join(other.parts[-2:])] = read_metrics(other / "metrics.jsonl")
+            runs["/".join(other.parts[-2:])] = read_metrics(RunFolder(other).metrics)
         paths.append(plot_accuracy_comparison(runs, out))
     if any("policy/mu_pos" in r for r in records):
         paths.append(plot_daw_fits(records, num_classes, out, iterations))
@@ -310,7 +312,7 @@ def plot_run(
         paths.append(plot_stpg_mismatch(records, names, out))
     if any("fpl/R_case1" in r for r in records):
         paths.append(plot_fpl_gradient_scores(records, out))
-    snapshots = load_k_maps(run)
+    snapshots = read_snapshots(folder.snapshots(FuzzyPositiveLoss.snapshot_dir))
     if snapshots:
         paths.append(plot_fpl_k_maps(snapshots, out))
     return paths

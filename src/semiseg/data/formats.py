@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-IGNORE_INDEX = 255
+from semiseg.labels import IGNORE_INDEX
+
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 
 # PIL signals corrupt files with several exception types depending on the codec.

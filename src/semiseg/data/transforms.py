@@ -20,6 +20,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 EVAL_MODES = ("none", "resize", "sliding")
 _ORACLE_VOID = 1000  # stand-in for a void label while the padding is being tracked
 _DETECTION_SHIFT = 1024  # detector bits sit above every label value in the tracking marker
+_STAND_IN = torch.zeros(3, 1, 1, dtype=torch.uint8)
 
 ImageAndMask = tuple[tv_tensors.Image, tv_tensors.Mask | None]
 
@@ -294,15 +295,16 @@ def eval_transform(mode: str, size: int | None) -> EvalTransform:
 class UnlabeledTransform:
     """The views of one unlabeled image that the semi-supervised schemes need (UniMatch).
 
-    One weak geometric crop (`TrainTransform.geometric`), two independent strong photometric
-    versions of that same crop, one CutMix box for each strong view, and `valid`, False on
-    the crop's padding (`cutmix_*`: see `cutmix_box`). `image` is the weak view the teacher labels. If a mask is given
-    (research diagnostics only: `oracle_mask`), it follows the crop but never the training.
+    One weak geometric crop (`TrainTransform.geometric`), up to two independent strong
+    photometric versions of that same crop (`strong_views`), up to two CutMix boxes
+    (`boxes`), and `valid`, False on the crop's padding (`cutmix_*`: see `cutmix_box`).
+    `image` is the weak view the teacher labels. If a mask is given (research diagnostics
+    only: `oracle_mask`), it follows the crop but never the training.
 
-    Returns {'image', 'strong1', 'strong2': float [3,h,w] normalised; 'box1', 'box2',
-    'valid': bool [h,w]; 'oracle_mask': int64 [h,w] when a mask was given; 'detections':
-    int64 [h,w] when a detector box bitmask was given (it follows the crop like the mask;
-    0 on padding)}.
+    Returns {'image', 'strong1', 'strong2' (those asked for): float [3,h,w] normalised;
+    'box1', 'box2' (those asked for), 'valid': bool [h,w]; 'oracle_mask': int64 [h,w] when a
+    mask was given; 'detections': int64 [h,w] when a detector box bitmask was given (it
+    follows the crop like the mask; 0 on padding)}.
     """
 
     def __init__(
@@ -312,11 +314,18 @@ class UnlabeledTransform:
         cutmix_p: float = 0.5,
         cutmix_boxes: int = 1,
         cutmix_side: tuple[float, float] | None = None,
+        strong_views: int = 2,
+        boxes: int = 2,
     ) -> None:
         _check_probability(cutmix_p, "cutmix_p")
+        if not (0 <= strong_views <= 2 and 0 <= boxes <= 2):
+            raise ValueError(
+                f"strong_views and boxes must be 0, 1 or 2, got {strong_views} and {boxes}"
+            )
         self.weak = weak
         self.strong = strong or StrongTransform()
         self.cutmix = {"p": cutmix_p, "count": cutmix_boxes, "side": cutmix_side}
+        self.strong_views, self.boxes = strong_views, boxes
 
     def __call__(
         self,
@@ -345,14 +354,21 @@ class UnlabeledTransform:
             detected = torch.where(valid, marker // _DETECTION_SHIFT, 0)
             marker = torch.where(valid, marker % _DETECTION_SHIFT, marker)
         h, w = crop.shape[-2:]
-        out = {
-            "image": normalize(crop),
-            "strong1": normalize(self.strong(crop)),
-            "box1": cutmix_box(h, w, **self.cutmix),
-            "strong2": normalize(self.strong(crop)),
-            "box2": cutmix_box(h, w, **self.cutmix),
-            "valid": valid,
-        }
+        out = {"image": normalize(crop), "valid": valid}
+        # Views are drawn in one fixed order (strong1, box1, strong2, box2), so each view is
+        # the same whichever views a scheme asks for: an unneeded view before a needed one
+        # still makes its random draws (a strong view on a 1x1 stand-in: the draws of the
+        # colour jitter, grayscale and blur do not depend on the image).
+        last = max(self.strong_views, self.boxes)
+        for i in range(1, last + 1):
+            if i <= self.strong_views:
+                out[f"strong{i}"] = normalize(self.strong(crop))
+            else:
+                self.strong(_STAND_IN)
+            if i <= self.boxes or i < last:
+                box = cutmix_box(h, w, **self.cutmix)
+                if i <= self.boxes:
+                    out[f"box{i}"] = box
         if mask is not None:
             out["oracle_mask"] = torch.where(marker == _ORACLE_VOID, ignore, marker)
         if detections is not None:

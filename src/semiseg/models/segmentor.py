@@ -110,6 +110,11 @@ class SegmentationModel(nn.Module):
             _resize(head_out.logits, size), head_out.features, aux, projection
         )
 
+    @property
+    def has_aux_head(self) -> bool:
+        """The decoder has an auxiliary head (PSPNet), trained only by schemes that give it a loss."""
+        return hasattr(self.head, "aux_head")
+
     def backbone_parameters(self) -> Iterator[nn.Parameter]:
         """Encoder parameters (base learning rate)."""
         return self.backbone.parameters()

@@ -11,18 +11,31 @@ dropped into any training loop::
             * pl.weight).sum() / valid.sum()
 
 Shapes: class maps `[B, C, H, W]`, pixel maps `[B, H, W]`, ignore index 255.
+
+For the trainer, a policy class also carries its `Options` dataclass (the `policy:` config
+section), a one-line `summary`, and `from_options`, which builds it from them; registering
+it (`semiseg.pseudo.POLICIES.add`) makes it usable under every scheme.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-IGNORE_INDEX = 255
+from semiseg.labels import IGNORE_INDEX
+from semiseg.options import ComponentOptions, ConfigError
+from semiseg.pseudo.memory import Gather
+
+
+def paste(base: Tensor, source: Tensor, box: Tensor) -> Tensor:
+    """CutMix: `source` inside `box` [B,h,w], `base` elsewhere; for [B,h,w] and [B,C,h,w] maps."""
+    if base.dim() == 4:
+        box = box[:, None]
+    return torch.where(box, source, base)
 
 
 @dataclass
@@ -34,14 +47,83 @@ class PseudoLabels:
     weight: [B,H,W] float32 loss weight; 0 means unused. Step policies give exactly 0 or 1.
     confidence: [B,H,W] float32, the max probability the decision was taken on (kept on
         invalid pixels too; mask it with the valid map before averaging).
-    positive: [B,C,H,W] bool fuzzy positive sets (FPL) when the unlabeled loss learns from a
-        set of classes per pixel instead of `target`; None for ordinary cross-entropy.
+    extra: per-pixel teacher information an unlabeled loss asked for (`UnlabeledLoss.teach`),
+        each a batch-first tensor [B,...,H,W] (FPL: 'positive', the fuzzy positive sets
+        [B,C,H,W] bool); CutMix pastes and row slicing carry them along.
     """
 
     target: Tensor
     weight: Tensor
     confidence: Tensor
-    positive: Tensor | None = None
+    extra: dict[str, Tensor] = field(default_factory=dict)
+
+    def rows(self, index: slice) -> PseudoLabels:
+        """The pseudo labels of part of the batch."""
+        return PseudoLabels(
+            self.target[index],
+            self.weight[index],
+            self.confidence[index],
+            {k: v[index] for k, v in self.extra.items()},
+        )
+
+    def pasted(self, source: PseudoLabels, box: Tensor) -> PseudoLabels:
+        """CutMix of the pseudo labels: `source`'s inside `box` [B,h,w], these elsewhere."""
+        return PseudoLabels(
+            paste(self.target, source.target, box),
+            paste(self.weight, source.weight, box),
+            paste(self.confidence, source.confidence, box),
+            {k: paste(v, source.extra[k], box) for k, v in self.extra.items() if k in source.extra},
+        )
+
+    def reweighted(self, weight: Tensor) -> PseudoLabels:
+        return PseudoLabels(self.target, weight, self.confidence, self.extra)
+
+    @staticmethod
+    def cat(parts: list[PseudoLabels]) -> PseudoLabels:
+        keys = set.intersection(*(set(p.extra) for p in parts))
+        return PseudoLabels(
+            torch.cat([p.target for p in parts]),
+            torch.cat([p.weight for p in parts]),
+            torch.cat([p.confidence for p in parts]),
+            {k: torch.cat([p.extra[k] for p in parts]) for k in keys},
+        )
+
+
+@dataclass
+class PolicyOptions(ComponentOptions):
+    """Options every policy takes (the `policy:` config section)."""
+
+    name: str = "threshold"
+    warmup: int = 0
+    """Labeled batches whose predictions (network in eval mode, nothing trained) feed a
+    stateful policy's statistics before the first step of a fresh run. For short fine-tuning
+    from a trained model, where DAW's EMA (m = 0.99) would otherwise be dominated by its
+    initial fit for hundreds of steps; 0 is the papers' behaviour."""
+
+    def validate(self) -> None:
+        super().validate()
+        self.require(self.warmup >= 0, "warmup", "must be >= 0")
+
+    def arguments(self) -> dict[str, Any]:
+        """The keyword arguments of the policy's constructor: its own options."""
+        common = {f.name for f in fields(PolicyOptions)}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in common}
+
+    def detections(self) -> tuple[str, list[int]] | None:
+        """(detector folder, detector classes in bit order) when the policy reads the cached
+        detector boxes of the unlabeled images; None for policies that do not."""
+        return None
+
+
+@dataclass
+class PolicyContext:
+    """What a policy gets from the run it is part of: `reduce` sums a tensor over processes,
+    `gather` concatenates every process's (features, labels) (both None in one process),
+    `seed` seeds a policy's own random generators."""
+
+    reduce: Callable[[Tensor], Tensor] | None = None
+    gather: Gather | None = None
+    seed: int = 0
 
 
 def _identity(tensor: Tensor) -> Tensor:
@@ -56,11 +138,16 @@ class Policy:
     squares), never to means, so that every process holds identical state; under DDP every
     process must therefore call `update` and `__call__` in lockstep. Default: identity.
 
-    Subclasses set `name` and implement `_select`; stateful ones also override `update`,
-    `diagnostics`, `state_dict` and `load_state_dict`.
+    Subclasses set `name`, `Options` and `summary` and implement `_select`; stateful ones
+    (`stateful = True`) also override `update`, `diagnostics`, `state_dict` and
+    `load_state_dict`.
     """
 
     name: ClassVar[str]
+    Options: ClassVar[type[PolicyOptions]]
+    summary: ClassVar[str] = ""
+    stateful: ClassVar[bool] = False
+    """The policy keeps statistics of labeled predictions (`update`), so `policy.warmup` applies."""
 
     def __init__(self, num_classes: int, reduce: Callable[[Tensor], Tensor] | None = None):
         if num_classes < 2:
@@ -70,6 +157,28 @@ class Policy:
 
     needs_features: ClassVar[bool] = False
     """The policy also takes pixel features (and detections) in `update` and `__call__`."""
+
+    @property
+    def needs_detections(self) -> bool:
+        """`__call__` needs the detector box bitmasks of the unlabeled images."""
+        return False
+
+    @classmethod
+    def from_options(
+        cls, options: PolicyOptions, num_classes: int, context: PolicyContext | None = None
+    ) -> Policy:
+        """The policy of a config's `policy:` section, for a run with `context`."""
+        context = context or PolicyContext()
+        return cls(num_classes, reduce=context.reduce, **options.arguments())
+
+    @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        """Refuse, with a `ConfigError` that says why, a config this policy cannot serve."""
+        if cfg.policy.warmup and not cls.stateful:
+            raise ConfigError(
+                f"policy.warmup={cfg.policy.warmup}: the warm-up feeds a stateful policy's statistics, "
+                f"and policy {cls.name!r} keeps none"
+            )
 
     @torch.no_grad()
     def __call__(

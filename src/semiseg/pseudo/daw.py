@@ -26,11 +26,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-from semiseg.pseudo.base import IGNORE_INDEX, Policy
+from semiseg.labels import IGNORE_INDEX
+from semiseg.pseudo.base import Policy, PolicyOptions
 
 VARIANTS = ("paper", "official")
 
@@ -192,6 +195,23 @@ def trade_off(
     return e1, e2
 
 
+@dataclass
+class DAWOptions(PolicyOptions):
+    name: str = "daw"
+    momentum: float = 0.99
+    """EMA momentum of the Gaussian fits and the DA distributions (Eq. 6)."""
+    align: bool = True
+    """Distribution alignment (Eq. 12-13)."""
+    weighting: bool = True
+    """The optimal step threshold t* (Eq. 11); off leaves alignment alone (Table 4)."""
+    variant: Literal["paper", "official"] = "paper"
+    """Follow the paper's equations or reproduce the released code (see DAWeighting)."""
+
+    def validate(self) -> None:
+        super().validate()
+        self.decay("momentum")
+
+
 class DAWeighting(Policy):
     """DAW's pseudo-label policy: DA (Eq. 12-13) then the step at t* (Eq. 11).
 
@@ -237,6 +257,9 @@ class DAWeighting(Policy):
     """
 
     name = "daw"
+    Options = DAWOptions
+    summary = "1 if confidence >= t*, the crossing of Gaussians fitted to right and wrong labeled confidences; distribution alignment (DAW)"
+    stateful = True
 
     def __init__(
         self,

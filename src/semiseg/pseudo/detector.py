@@ -10,13 +10,56 @@ would cover most of the image.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
 from scipy import ndimage
 from torch import Tensor
 
+from semiseg.labels import IGNORE_INDEX
+from semiseg.options import Options
+
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+
+
+@dataclass
+class DetectorOptions(Options):
+    """The object detector of reliable pseudo-label pixels (`semiseg detector`; the
+    `policy.detector` section of the rank-weighting policy with RPPI)."""
+
+    classes: list[int] = field(default_factory=list)
+    """Segmentation classes the detector learns ("thing" classes; stuff classes get no boxes)."""
+    backbone: Literal["resnet50_fpn", "mobilenet_v3_fpn"] = "resnet50_fpn"
+    """torchvision Faster R-CNN backbone, trained from scratch (the paper: ResNet-50 FPN)."""
+    dir: str = "runs/detector"
+    """Folder of the detector's checkpoint and cached detections."""
+    iterations: int = 2000
+    batch_size: int = 4
+    lr: float = 5e-5
+    """Adam learning rate (the released code)."""
+    min_size: int = 800
+    max_size: int = 1333
+    """torchvision's resizing of detector inputs (shorter side, longer side cap)."""
+    score_threshold: float = 0.85
+    """Detections kept on unlabeled images (the paper: 0.85 VOC, 0.95 Cityscapes)."""
+    min_component_pixels: int = 0
+    """Components with fewer pixels of their class get no training box (the released code: 91)."""
+    checkpoint_every: int = 200
+
+    def validate(self) -> None:
+        super().validate()
+        self.positive("iterations", "batch_size", "lr", "min_size", "max_size", "checkpoint_every")
+        self.probability("score_threshold")
+        self.require(
+            len(set(self.classes)) == len(self.classes), "classes", "must not repeat a class"
+        )
+        self.require(
+            all(0 <= c < IGNORE_INDEX for c in self.classes),
+            "classes",
+            f"must be class indices below {IGNORE_INDEX}",
+        )
 
 
 def boxes_from_mask(mask: Tensor, classes: Sequence[int]) -> tuple[Tensor, Tensor]:
@@ -80,7 +123,7 @@ def box_agreement_counts(
     """
     num_classes = boxes_map.shape[1]
     pred = pred.long()
-    pixel = (conf >= threshold) & (target != 255)
+    pixel = (conf >= threshold) & (target != IGNORE_INDEX)
     in_box = _in_predicted_box(pred, boxes_map)
     right = pred == target
     counts = torch.zeros((3, 2, num_classes), dtype=torch.int64)

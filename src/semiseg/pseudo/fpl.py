@@ -14,14 +14,26 @@ code: usable in any training loop::
 
 `variant="official"` reproduces the released code (qpc1611094/FPL) where it differs from the
 paper; see each function.
+
+Everything FPL is in this module: the functions above, its diagnostics (the K histogram,
+the positive gradient scores of Sec. 3.4) and `FuzzyPositiveLoss`, the `loss.name: fpl`
+component every scheme trains with (`semiseg.losses.fuzzy_positive_loss` is this module's).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import warnings
+from dataclasses import dataclass
+from typing import Any, Literal
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+from semiseg.labels import IGNORE_INDEX
+from semiseg.pseudo.base import PseudoLabels
+from semiseg.pseudo.unlabeled_loss import LossOptions, UnlabeledLoss, weighted_cross_entropy
 
 Variant = Literal["paper", "official"]
 Shape = Literal["concave", "linear", "convex"]
@@ -156,7 +168,7 @@ def positive_gradient_score(logits: Tensor, positive_mask: Tensor, target: Tenso
             ground truth (255 = unknown gives NaN there).
     """
     z = logits.float()
-    known = target != 255
+    known = target != IGNORE_INDEX
     gt = target.clamp(max=z.shape[1] - 1).unsqueeze(1)
     z_gt = z.gather(1, gt).squeeze(1)
     gt_in_set = positive_mask.gather(1, gt).squeeze(1)
@@ -179,4 +191,149 @@ def gradient_score_cases(top1: Tensor, positive_mask: Tensor, target: Tensor) ->
     gt = target.clamp(max=positive_mask.shape[1] - 1).unsqueeze(1)
     in_set = positive_mask.gather(1, gt).squeeze(1)
     case = torch.where(top1 == target, 1, torch.where(in_set, 2, 3))
-    return case.masked_fill((target == 255) | (top1 == 255), 0)
+    return case.masked_fill((target == IGNORE_INDEX) | (top1 == IGNORE_INDEX), 0)
+
+
+def fuzzy_positive_loss(logits: Tensor, positive_mask: Tensor, reduction: str = "none") -> Tensor:
+    """FPL's fuzzy positive regularisation (Eq. 7), unweighted: [B,C,H,W] -> [B,H,W] for 'none'.
+
+    L = log(1 + sum_{i in Y} exp(-z_i) * sum_{j not in Y} exp(z_j)), a smooth version of
+    ReLU(max_{j not in Y} z_j - min_{i in Y} z_i) (Eq. 4-6): every class of the fuzzy positive
+    set Y (`positive_mask`, bool [B,C,H,W]) is pushed above every class outside it. It is
+    computed as softplus(logsumexp_Y(-z) + logsumexp_notY(z)), in float32, so logits of any
+    magnitude neither overflow nor give NaN gradients. A one-class set gives exactly the
+    cross-entropy of that class (Eq. 9); a set holding every class gives 0.
+
+    Args:
+        reduction: 'none' ([B,H,W]), 'mean' or 'sum' over pixels.
+    """
+    if reduction not in ("none", "mean", "sum"):
+        raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+    check_positive_mask(positive_mask, logits)
+    z = logits.float()
+    # A finite stand-in for -inf: logsumexp over an empty side stays finite and its gradient
+    # (exp of ~-1e30) is exactly 0, where -inf would give inf - inf = NaN in the backward pass.
+    far = torch.tensor(-1e30, device=z.device)
+    log_pos = torch.logsumexp(torch.where(positive_mask, -z, far), dim=1)
+    log_neg = torch.logsumexp(torch.where(positive_mask, far, z), dim=1)
+    per_pixel = F.softplus(log_pos + log_neg)
+    if reduction == "mean":
+        return per_pixel.mean()
+    if reduction == "sum":
+        return per_pixel.sum()
+    return per_pixel
+
+
+K_BINS = 4
+"""K histogram bins logged: K = 1, 2, 3 and >= 4 (the paper's Fig. 4a)."""
+
+
+def k_histogram(positive: Tensor, valid: Tensor) -> dict[str, Tensor]:
+    """Share of valid pixels with K = 1, 2, 3 and >= 4 fuzzy positive classes, and the mean K."""
+    k = positive.sum(dim=1)[valid]
+    n = max(k.numel(), 1)
+    logs = {f"fpl/k{j}": (k == j).sum() / n for j in range(1, K_BINS)}
+    logs[f"fpl/k{K_BINS}+"] = (k >= K_BINS).sum() / n
+    logs["fpl/mean_k"] = k.float().sum() / n
+    return logs
+
+
+def gradient_scores(
+    logits: Tensor, target: Tensor, positive: Tensor, oracle: Tensor
+) -> dict[str, Tensor | float]:
+    """Mean positive gradient score R (Eq. 12) of FPL and of cross-entropy with the pseudo label
+    `target` (R^v), per case of Sec. 3.4 (1: pseudo label right, 2: wrong but the truth is in the
+    set, 3: the truth is outside it), with each case's share of the pixels that have ground truth."""
+    case = gradient_score_cases(target, positive, oracle)
+    r_fpl = positive_gradient_score(logits, positive, oracle)
+    one_hot = torch.zeros_like(positive).scatter(
+        1, target.clamp(max=positive.shape[1] - 1)[:, None], True
+    )
+    r_ce = positive_gradient_score(logits, one_hot, oracle)
+    known = (case > 0).sum()
+    logs: dict[str, Tensor | float] = {}
+    for c in (1, 2, 3):
+        part = case == c
+        count = part.sum()
+        logs[f"fpl/case{c}_share"] = count / known if known > 0 else float("nan")
+        logs[f"fpl/R_case{c}"] = r_fpl[part].mean() if count > 0 else float("nan")
+        logs[f"fpl/R_ce_case{c}"] = r_ce[part].mean() if count > 0 else float("nan")
+    return logs
+
+
+@dataclass
+class FPLOptions(LossOptions):
+    name: str = "fpl"
+    T: float = 0.9
+    """Cumulative probability bound of the fuzzy positive set (paper: 0.85, 0.9 or 0.95)."""
+    adaptive_weight: Literal["concave", "linear", "convex", "none"] = "concave"
+    """Per-pixel weight: Eq. 11 (concave), Eq. 16 (linear, convex), or none."""
+    A: float = 50.0
+    """Steepness of the concave adaptive weight (Eq. 11)."""
+    variant: Variant = "paper"
+    """As in the paper or as in the released code (K <= 3, >= T, top-(K+1) mean)."""
+    rescale: bool = False
+    """Scale the loss by the detached ratio CE / FPL so its value equals the cross-entropy
+    loss, as the released CPS code does (the gradient direction stays FPL's)."""
+
+    def validate(self) -> None:
+        super().validate()
+        self.probability("T")
+        self.positive("A")
+
+
+class FuzzyPositiveLoss(UnlabeledLoss):
+    """FPL as an unlabeled loss (`loss.name: fpl`): the teacher's top-K classes form each
+    pixel's fuzzy positive set (Alg. 1, from the teacher's probabilities as they are, before
+    any alignment a policy applies), the policy's weight is multiplied by the adaptive weight
+    (Eq. 11/16), and the student learns Eq. 7 on the set. DAW + FPL is therefore FPL on the
+    pixels DAW keeps. Logs the K histogram, under `scheme.oracle_eval` the gradient scores
+    R per case, and keeps the K maps of a few unlabeled images at each evaluation.
+    """
+
+    name = "fpl"
+    Options = FPLOptions
+    summary = "FPL's fuzzy positive loss on the teacher's top-K set (Alg. 1, Eq. 7), times its adaptive weight (Eq. 11)"
+    snapshot_dir = "fpl_kmaps"
+    options: FPLOptions
+
+    @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        threshold = getattr(cfg.policy, "threshold", None)
+        if threshold is not None and threshold >= cfg.loss.T:
+            warnings.warn(
+                f"policy.threshold {threshold} >= loss.T {cfg.loss.T}: every pixel the threshold "
+                "keeps has K = 1, so FPL reduces to (adaptively weighted) cross-entropy; use policy.name="
+                "pseudo_label or a lower threshold",
+                stacklevel=2,
+            )
+
+    def teach(self, probs: Tensor, pl: PseudoLabels) -> PseudoLabels:
+        o = self.options
+        positive = fuzzy_positive_mask(probs, o.T, o.variant)
+        weight = pl.weight
+        if o.adaptive_weight != "none":
+            weight = weight * adaptive_weight(probs, positive, o.A, o.adaptive_weight, o.variant)
+        return PseudoLabels(pl.target, weight, pl.confidence, {**pl.extra, "positive": positive})
+
+    def __call__(self, logits: Tensor, pl: PseudoLabels, valid: Tensor) -> Tensor:
+        weight = pl.weight * valid
+        loss = (
+            fuzzy_positive_loss(logits, pl.extra["positive"]) * weight
+        ).sum() / valid.sum().clamp(min=1)
+        if self.options.rescale:
+            ce = weighted_cross_entropy(logits, pl.target, weight, valid)
+            loss = loss * (ce.detach() / loss.detach().clamp(min=1e-12))
+        return loss
+
+    def diagnostics(self, pl: PseudoLabels, valid: Tensor) -> dict[str, Tensor | float]:
+        return k_histogram(pl.extra["positive"], valid)
+
+    def oracle_diagnostics(
+        self, logits: Tensor, pl: PseudoLabels, oracle: Tensor
+    ) -> dict[str, Tensor | float]:
+        return gradient_scores(logits, pl.target, pl.extra["positive"], oracle)
+
+    def snapshot(self, probs: Tensor) -> dict[str, np.ndarray]:
+        k = k_values(fuzzy_positive_mask(probs, self.options.T, self.options.variant))
+        return {"k": k.clamp(max=255).to(torch.uint8).cpu().numpy()}

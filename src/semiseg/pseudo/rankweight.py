@@ -16,17 +16,19 @@ would), so the weight is deterministic under ties.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from semiseg.pseudo.base import Policy
+from semiseg.labels import IGNORE_INDEX
+from semiseg.pseudo.base import Policy, PolicyContext, PolicyOptions
+from semiseg.pseudo.detector import DetectorOptions
 from semiseg.pseudo.memory import FeatureBank, Gather, combined_prototypes
 from semiseg.pseudo.threshold import PowerPolicy, ThresholdPolicy
 
-IGNORE_INDEX = 255
 Variant = Literal["paper", "official"]
 
 
@@ -151,6 +153,53 @@ def _pixels(features: Tensor, keep: Tensor) -> Tensor:
     return features.permute(0, 2, 3, 1)[keep]
 
 
+@dataclass
+class RankWeightOptions(PolicyOptions):
+    name: str = "rankweight"
+    threshold: float = 0.95
+    """Confidence threshold of the base weight 1[p >= threshold] (FixMatch/UniMatch: 0.95)."""
+    k: int = 5
+    """Size of the top-k index sets compared (the paper's 5)."""
+    bank_size: int = 256
+    """Features kept per class in each memory bank (psi)."""
+    per_update: int | None = 8
+    """At most this many random features per class enter a bank per step (the released code
+    adds at most a batch's worth, 8 on VOC, so a bank of 256 spans 32 steps); None: up to
+    bank_size, so a frequent class's bank is refilled from every batch."""
+    similarity: Literal["rank", "cosine"] = "rank"
+    """Rank statistics (the method) or cosine similarity (its Fig. 6 comparison)."""
+    variant: Variant = "paper"
+    """'paper': W = s/k; 'official': the released code's 1 + s/k and labeled bank rule."""
+    rppi: bool = True
+    """Prototypes also from detector-verified reliable unlabeled pixels (RPPI); off = PPW alone."""
+    reliable_threshold: float = 0.95
+    """Teacher confidence a detector-verified pixel needs to be reliable."""
+    base: Literal["threshold", "ael"] = "threshold"
+    """The weight it multiplies: 1[conf >= threshold], or AEL's power weight."""
+    power: float = 2.0
+    """Exponent of the AEL base weight (`base: ael`)."""
+    detector: DetectorOptions = field(default_factory=DetectorOptions)
+    """The detector whose cached boxes verify reliable pixels (`semiseg detector`, RPPI)."""
+
+    def validate(self) -> None:
+        super().validate()
+        self.probability("threshold", "reliable_threshold")
+        self.positive("k", "bank_size")
+        self.require(
+            self.per_update is None or self.per_update > 0, "per_update", "must be positive or null"
+        )
+        self.require(
+            not self.rppi or bool(self.detector.classes),
+            "rppi",
+            "needs the detector's classes (policy.detector.classes); set policy.rppi=false for PPW alone",
+        )
+
+    def detections(self) -> tuple[str, list[int]] | None:
+        if not self.rppi:
+            return None
+        return self.detector.dir, list(self.detector.classes)
+
+
 class RankWeighting(Policy):
     """Pseudo-label pixel weighting by rank statistics (PPW), optionally with detector-verified
     reliable pixels in the prototypes (RPPI): the paper's Eq. 5-6 as a policy.
@@ -173,7 +222,30 @@ class RankWeighting(Policy):
     """
 
     name = "rankweight"
+    Options = RankWeightOptions
+    summary = "the threshold's 0/1 times the top-k rank overlap of the pixel's feature with its class prototype; with RPPI, detector-verified pixels join the prototypes"
+    stateful = True
     needs_features = True
+
+    @classmethod
+    def from_options(
+        cls, options: RankWeightOptions, num_classes: int, context: PolicyContext | None = None
+    ) -> RankWeighting:
+        context = context or PolicyContext()
+        arguments = options.arguments()
+        detector = arguments.pop("detector")
+        return cls(
+            num_classes,
+            detector_classes=detector.classes,
+            reduce=context.reduce,
+            gather=context.gather,
+            seed=context.seed,
+            **arguments,
+        )
+
+    @property
+    def needs_detections(self) -> bool:
+        return self.rppi
 
     def __init__(
         self,
@@ -200,7 +272,7 @@ class RankWeighting(Policy):
             raise ValueError(f"variant must be 'paper' or 'official', got {variant!r}")
         if rppi and not detector_classes:
             raise ValueError(
-                "RPPI needs the detector's classes (detector.classes); or set rppi off (PPW alone)"
+                "RPPI needs the detector's classes (policy.detector.classes); or set rppi off (PPW alone)"
             )
         self.base: Policy = (
             ThresholdPolicy(num_classes, threshold)
@@ -244,9 +316,7 @@ class RankWeighting(Policy):
         self, probs: Tensor, valid: Tensor, features: Tensor | None, detections: Tensor | None
     ) -> tuple[Tensor, Tensor, Tensor]:
         if features is None:
-            raise ValueError(
-                "the rankweight policy needs the teacher's features (schemes fixmatch and unimatch pass them)"
-            )
+            raise ValueError("the rankweight policy needs the teacher's features")
         confidence, target, base_weight = self.base._select(probs, valid)
         labeled, unlabeled = self._banks(features.shape[1])
         if self.rppi:

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-IGNORE_INDEX = 255
+from semiseg.labels import IGNORE_INDEX
+
 Selection = Literal["cons", "cons+lmis", "cons+hmis", "all"]
 
 

@@ -8,17 +8,49 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from semiseg.pseudo.base import Policy
+from semiseg.pseudo.base import Policy, PolicyOptions
+
+
+@dataclass
+class PseudoLabelOptions(PolicyOptions):
+    name: str = "pseudo_label"
+
+
+@dataclass
+class ThresholdOptions(PolicyOptions):
+    name: str = "threshold"
+    threshold: float = 0.95
+    """Confidence a pixel needs to teach (FixMatch/UniMatch: 0.95)."""
+
+    def validate(self) -> None:
+        super().validate()
+        self.probability("threshold")
+
+
+@dataclass
+class PowerOptions(PolicyOptions):
+    name: str = "ael"
+    power: float = 2.0
+    """Exponent of the weight conf ** power."""
+
+    def validate(self) -> None:
+        super().validate()
+        self.require(
+            math.isfinite(self.power) and self.power >= 0, "power", "must be a finite number >= 0"
+        )
 
 
 class ConstantPolicy(Policy):
     """Pseudo-Label (Lee, 2013): f(p) = 1, every valid pixel teaches with its argmax class."""
 
     name = "pseudo_label"
+    Options = PseudoLabelOptions
+    summary = "1 on every valid pixel (Pseudo-Label)"
 
     def _select(self, probs: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         confidence, target = probs.max(dim=1)
@@ -29,6 +61,8 @@ class ThresholdPolicy(Policy):
     """FixMatch (Sohn et al., 2020) / UniMatch: f(p) = 1[p >= threshold], exactly 0 or 1."""
 
     name = "threshold"
+    Options = ThresholdOptions
+    summary = "1 if confidence >= `threshold` (FixMatch, UniMatch)"
 
     def __init__(
         self,
@@ -57,6 +91,8 @@ class PowerPolicy(Policy):
     """
 
     name = "ael"
+    Options = PowerOptions
+    summary = "confidence ** `power`, normalised to mean 1 (AEL)"
 
     def __init__(
         self,

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from semiseg.losses import cross_entropy
-from semiseg.schemes.base import StepOutput
-from semiseg.schemes.semi import SemiScheme, paste
+from semiseg.schemes.base import EvalEMAOptions, StepOutput, Views
+from semiseg.schemes.semi import SemiOptions, SemiScheme, paste
+
+
+@dataclass
+class FixMatchOptions(SemiOptions, EvalEMAOptions):
+    name: str = "fixmatch"
 
 
 class FixMatchScheme(SemiScheme):
@@ -16,33 +23,31 @@ class FixMatchScheme(SemiScheme):
     predicted in eval mode, as in UniMatch.
     """
 
+    name = "fixmatch"
+    Options = FixMatchOptions
+    summary = "the weak view labels a strong view with CutMix; (L_x + L_u) / 2"
+    views = Views(strong=1, boxes=1)
+
     def training_step(
         self, labeled: dict, unlabeled: dict | None, mix: dict | None, iteration: int
     ) -> StepOutput:
         assert unlabeled is not None and mix is not None
-        model = self.models["student"]
-        x, y = labeled["image"], labeled["mask"]
+        model, teaching = self.models["student"], self.teaching
+        u, x, y = unlabeled, labeled["image"], labeled["mask"]
         with torch.no_grad():
             model.eval()
             out_mix = model(mix["image"])
             model.train()
         n = x.shape[0]
-        out = model(torch.cat([x, unlabeled["image"]]))
-        strong = paste(unlabeled["strong1"], mix["strong1"], unlabeled["box1"])
+        out = model(torch.cat([x, u["image"]]))
+        strong = paste(u["strong1"], mix["strong1"], u["box1"])
         logits_s = model(strong).logits
-        pl, pl_mix = self.teach(
-            labeled, out.rows(slice(None, n)), out.rows(slice(n, None)), unlabeled, mix, out_mix
-        )
+        teaching.observe(out.rows(slice(None, n)), y)
+        pl, pl_mix = teaching.label(out.rows(slice(n, None)), u, out_mix, mix)
         loss_x = cross_entropy(out.logits[:n], y)
-        loss_s, logs = self.cutmix_loss(
-            logits_s,
-            pl,
-            pl_mix,
-            unlabeled["valid"],
-            mix["valid"],
-            unlabeled["box1"],
-            unlabeled.get("oracle_mask"),
+        loss_s, logs = teaching.cutmix_loss(
+            logits_s, pl, pl_mix, u["valid"], mix["valid"], u["box1"], u.get("oracle_mask")
         )
         logs.update({"loss_x": loss_x.detach(), "loss_s": loss_s.detach()})
-        logs.update(self.diagnostics(pl, unlabeled["valid"], unlabeled.get("oracle_mask")))
+        logs.update(teaching.diagnostics(pl, u["valid"], u.get("oracle_mask")))
         return StepOutput((loss_x + loss_s) / 2, logs)

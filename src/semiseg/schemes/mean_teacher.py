@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
-import copy
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from semiseg.config import Config
 from semiseg.losses import cross_entropy
-from semiseg.pseudo import Policy
-from semiseg.schemes.base import StepOutput, unwrap
-from semiseg.schemes.semi import SemiScheme, paste, softmax
+from semiseg.models.ema import ModelEMA
+from semiseg.schemes.base import StepOutput, Views, unwrap
+from semiseg.schemes.semi import (
+    SemiOptions,
+    SemiScheme,
+    TeacherDecayOptions,
+    UnsupervisedWeightOptions,
+    paste,
+)
+from semiseg.schemes.teaching import Teaching
+
+
+@dataclass
+class MeanTeacherOptions(SemiOptions, UnsupervisedWeightOptions, TeacherDecayOptions):
+    name: str = "mean_teacher"
 
 
 class MeanTeacherScheme(SemiScheme):
@@ -22,50 +34,52 @@ class MeanTeacherScheme(SemiScheme):
     network evaluated and saved, as is usual for mean teacher.
     """
 
+    name = "mean_teacher"
+    Options = MeanTeacherOptions
+    summary = "an EMA teacher (`scheme.teacher_decay`) labels the student's strong view with CutMix; the teacher is evaluated"
+    views = Views(strong=1, boxes=1)
+
     def __init__(
-        self, cfg: Config, models: dict[str, nn.Module], num_classes: int, policy: Policy | None
+        self,
+        cfg: Any,
+        models: dict[str, nn.Module],
+        num_classes: int,
+        teaching: Teaching | None = None,
     ):
-        super().__init__(cfg, models, num_classes, policy)
-        self.teacher = copy.deepcopy(unwrap(models["student"])).eval()
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
+        super().__init__(cfg, models, num_classes, teaching)
+        self.teacher = ModelEMA(unwrap(models["student"]), self.options.teacher_decay)
 
     def training_step(
         self, labeled: dict, unlabeled: dict | None, mix: dict | None, iteration: int
     ) -> StepOutput:
         assert unlabeled is not None and mix is not None
-        u = unlabeled
+        u, teaching = unlabeled, self.teaching
+        n_u = u["image"].shape[0]
         with torch.no_grad():
-            probs_w, probs_mix = softmax(
-                self.teacher(torch.cat([u["image"], mix["image"]])).logits
-            ).chunk(2)
+            teacher_out = self.teacher.module(torch.cat([u["image"], mix["image"]]))
         x, y = labeled["image"], labeled["mask"]
         strong = paste(u["strong1"], mix["strong1"], u["box1"])
-        logits_x, logits_s = self.models["student"](torch.cat([x, strong])).logits.split(
-            [x.shape[0], strong.shape[0]]
+        out = self.models["student"](torch.cat([x, strong]))
+        n = x.shape[0]
+        logits_x, logits_s = out.logits[:n], out.logits[n:]
+        teaching.observe(out.rows(slice(None, n)), y)
+        pl, pl_mix = teaching.label(
+            teacher_out.rows(slice(None, n_u)), u, teacher_out.rows(slice(n_u, None)), mix
         )
-        self.policy.update(softmax(logits_x), y)
-        pl, pl_mix = self.label(probs_w, u["valid"], probs_mix, mix["valid"])
         loss_x = cross_entropy(logits_x, y)
-        loss_u, logs = self.cutmix_loss(
+        loss_u, logs = teaching.cutmix_loss(
             logits_s, pl, pl_mix, u["valid"], mix["valid"], u["box1"], u.get("oracle_mask")
         )
         logs.update({"loss_x": loss_x.detach(), "loss_u": loss_u.detach()})
-        logs.update(self.diagnostics(pl, u["valid"], u.get("oracle_mask")))
-        return StepOutput(loss_x + self.cfg.scheme.unsup_weight * loss_u, logs)
+        logs.update(teaching.diagnostics(pl, u["valid"], u.get("oracle_mask")))
+        return StepOutput(loss_x + self.options.unsup_weight * loss_u, logs)
 
-    @torch.no_grad()
     def after_optimizer_step(self, iteration: int) -> None:
         super().after_optimizer_step(iteration)
-        decay = min(1 - 1 / (iteration + 1), self.cfg.scheme.teacher_decay)
-        student = unwrap(self.models["student"])
-        for t, s in zip(self.teacher.parameters(), student.parameters(), strict=True):
-            t.lerp_(s.detach(), 1 - decay)
-        for t, s in zip(self.teacher.buffers(), student.buffers(), strict=True):
-            t.copy_(s)
+        self.teacher.update(self.models["student"], iteration)
 
     def eval_model(self) -> nn.Module:
-        return self.teacher
+        return self.teacher.module
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "teacher": self.teacher.state_dict()}

@@ -17,24 +17,27 @@ on (re-matched every step); the contrastive losses (Eq. 15-16) apply to a random
 labeled pixels of both students; the memory bank takes, per class and step, the
 `stpg.bank_topk` Gen-Teacher projections of labeled pixels with confidence >= phi that lie
 closest to their class's anchor. Policies other than `pseudo_label` multiply their weights
-into both modules' confidence weights.
+into both modules' confidence weights, and the unlabeled loss (`loss.name`) is the one both
+modules learn through (FPL's fuzzy positive sets included). The projection head exists only
+when the contrastive losses are on (`lambda_ctr > 0`).
 """
 
 from __future__ import annotations
 
-import copy
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from semiseg.config import Config
 from semiseg.distributed import all_gather_pairs
-from semiseg.losses import cross_entropy, weighted_cross_entropy
+from semiseg.labels import IGNORE_INDEX
+from semiseg.losses import cross_entropy
+from semiseg.models.ema import ModelEMA
 from semiseg.models.segmentor import SegmentationOutput
-from semiseg.pseudo import Policy, PseudoLabels
+from semiseg.pseudo import PseudoLabels
 from semiseg.pseudo.memory import FeatureBank
 from semiseg.pseudo.stpg import (
     anchor_contrastive_loss,
@@ -46,17 +49,47 @@ from semiseg.pseudo.stpg import (
     selection_mask,
     similarity_loss,
 )
-from semiseg.schemes.base import StepOutput, unwrap
-from semiseg.schemes.semi import SemiScheme, paste, softmax
+from semiseg.schemes.base import EvalEMAOptions, StepOutput, Views, unwrap
+from semiseg.schemes.semi import SemiOptions, SemiScheme, TeacherDecayOptions, paste
+from semiseg.schemes.teaching import Teaching
 
 PROJECTION_DIM = 256
 
 
-def _teacher(model: nn.Module) -> nn.Module:
-    teacher = copy.deepcopy(unwrap(model)).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher
+@dataclass
+class STPGOptions(SemiOptions, EvalEMAOptions, TeacherDecayOptions):
+    name: str = "stpg"
+    selection: Literal["cons", "cons+lmis", "cons+hmis", "all"] = "cons+hmis"
+    """Gen-Teacher pixels that teach Pro-Student (Table 5): the method is cons+hmis; all = no selection (DM)."""
+    lambda_u: float = 1.0
+    """Weight of the two unlabeled losses (Eq. 17)."""
+    lambda_ctr: float = 0.1
+    """Weight of the anchor contrastive and similarity losses (Eq. 17); 0 turns DCL off."""
+    tau: float = 0.5
+    """Temperature of the anchor losses (Eq. 12, 15)."""
+    alpha: float = 0.99
+    """EMA momentum of the class prototypes (Eq. 13)."""
+    phi: float = 0.95
+    """Gen-Teacher confidence a labeled pixel needs to enter the memory bank."""
+    bank_size: int = 256
+    """Features per class in the memory bank (N)."""
+    bank_topk: int = 32
+    """Proximity-guided sampling: per class and step, the K confident features closest to their anchor enter the bank."""
+    match_after: int = 100
+    """Steps of prototype EMA before anchors are matched (Hungarian) and the contrastive losses start."""
+    anchor_steps: int = 2000
+    """Adam steps that spread the anchors (Eq. 12) once, before training."""
+    contrast_pixels: int = 2048
+    """Labeled pixels per student and step in the contrastive losses (a random subset, for memory)."""
+
+    def validate(self) -> None:
+        super().validate()
+        self.positive("tau", "bank_size", "bank_topk", "anchor_steps", "contrast_pixels")
+        self.require(self.lambda_u >= 0, "lambda_u", "must be >= 0")
+        self.require(self.lambda_ctr >= 0, "lambda_ctr", "must be >= 0")
+        self.require(self.match_after >= 0, "match_after", "must be >= 0")
+        self.decay("alpha")
+        self.probability("phi")
 
 
 def _grid(maps: Tensor, size: tuple[int, int]) -> Tensor:
@@ -67,15 +100,35 @@ def _grid(maps: Tensor, size: tuple[int, int]) -> Tensor:
 class STPGScheme(SemiScheme):
     """L = L_s + lambda_u (L_u^Gen + L_u^Pro) + lambda_ctr (L_ac + L_sim) (Eq. 17)."""
 
-    model_names: ClassVar[tuple[str, ...]] = ("student", "student_pro")
-    projection_dim: ClassVar[int | None] = PROJECTION_DIM
+    name = "stpg"
+    Options = STPGOptions
+    summary = "Gen- and Pro-Student with EMA teachers, pixel selection by class mismatch, anchor contrastive losses (STPG)"
+    model_names = ("student", "student_pro")
+    views = Views(strong=1, boxes=1)
+    options: STPGOptions
+
+    @classmethod
+    def projection_dim(cls, options: STPGOptions) -> int | None:
+        return PROJECTION_DIM if options.lambda_ctr > 0 else None
+
+    @classmethod
+    def may_leave_unused(cls, options: STPGOptions, model: nn.Module) -> bool:
+        # The projection heads get their first gradient when the contrastive losses start.
+        contrast_later = options.lambda_ctr > 0 and options.match_after > 0
+        return contrast_later or super().may_leave_unused(options, model)
 
     def __init__(
-        self, cfg: Config, models: dict[str, nn.Module], num_classes: int, policy: Policy | None
+        self,
+        cfg: Any,
+        models: dict[str, nn.Module],
+        num_classes: int,
+        teaching: Teaching | None = None,
     ):
-        super().__init__(cfg, models, num_classes, policy)
-        self.teachers = {name: _teacher(models[name]) for name in self.model_names}
-        st = cfg.stpg
+        super().__init__(cfg, models, num_classes, teaching)
+        st = self.options
+        self.teachers = {
+            name: ModelEMA(unwrap(models[name]), st.teacher_decay) for name in self.model_names
+        }
         self.contrastive = st.lambda_ctr > 0
         self.anchors = (
             optimize_anchors(num_classes, PROJECTION_DIM, st.tau, st.anchor_steps, cfg.train.seed)
@@ -93,12 +146,12 @@ class STPGScheme(SemiScheme):
         self, labeled: dict, unlabeled: dict | None, mix: dict | None, iteration: int
     ) -> StepOutput:
         assert unlabeled is not None and mix is not None
-        u, st = unlabeled, self.cfg.stpg
+        u, st, teaching = unlabeled, self.options, self.teaching
         x, y = labeled["image"], labeled["mask"]
         n_x, n_u = x.shape[0], u["image"].shape[0]
         with torch.no_grad():
             teacher_out = {
-                name: teacher(torch.cat([x, u["image"], mix["image"]]))
+                name: teacher.module(torch.cat([x, u["image"], mix["image"]]))
                 for name, teacher in self.teachers.items()
             }
         strong = paste(u["strong1"], mix["strong1"], u["box1"])
@@ -108,10 +161,10 @@ class STPGScheme(SemiScheme):
         # Pseudo labels of each teacher on the weak views, pasted like the strong view.
         labels = {}
         for name, out in teacher_out.items():
-            probs = softmax(out.logits[n_x:])
-            pl, pl_mix = self.label(probs[:n_u], u["valid"], probs[n_u:], mix["valid"])
-            labels[name] = self.mixed(pl, pl_mix, u["box1"])
-        self.policy.update(softmax(student_out["student"].logits[:n_x]), y)
+            weak, weak_mix = out.rows(slice(n_x, n_x + n_u)), out.rows(slice(n_x + n_u, None))
+            pl, pl_mix = teaching.label(weak, u, weak_mix, mix)
+            labels[name] = pl.pasted(pl_mix, u["box1"])
+        teaching.observe(student_out["student"].rows(slice(None, n_x)), y)
 
         losses = {
             f"loss_x_{name}": cross_entropy(out.logits[:n_x], y)
@@ -125,7 +178,7 @@ class STPGScheme(SemiScheme):
         # Professional module (Eq. 5-7): Pro-Student learns the selected Gen-Teacher labels.
         professional = labels["student"]
         pro_logits = student_out["student_pro"].logits[n_x:]
-        pred_pro = pro_logits.detach().argmax(dim=1).masked_fill(~valid, 255)
+        pred_pro = pro_logits.detach().argmax(dim=1).masked_fill(~valid, IGNORE_INDEX)
         scores = mismatch_scores(pred_pro, professional.target, self.num_classes)
         chosen = selection_mask(pred_pro, professional.target, scores, st.selection)
         losses["loss_u_pro"] = self._weighted(pro_logits, professional, valid & chosen, valid)
@@ -133,7 +186,11 @@ class STPGScheme(SemiScheme):
             losses["loss_u_gen"] + losses["loss_u_pro"]
         )
 
-        logs = self.diagnostics(professional, valid, None)
+        oracle = u.get("oracle_mask")
+        if oracle is not None:
+            # The pasted source batch has no ground truth.
+            oracle = oracle.masked_fill(u["box1"] | ~valid, IGNORE_INDEX)
+        logs = teaching.diagnostics(professional, valid, oracle)
         logs.update(self._selection_logs(pred_pro, professional.target, scores, valid))
         if self.contrastive:
             ctr = self._contrastive(teacher_out["student"], student_out, y, n_x, iteration)
@@ -142,17 +199,16 @@ class STPGScheme(SemiScheme):
         logs.update({k: v.detach() for k, v in losses.items()})
         return StepOutput(total, logs)
 
-    @staticmethod
-    def _weighted(logits: Tensor, pl: PseudoLabels, mask: Tensor, valid: Tensor) -> Tensor:
-        """Confidence-weighted CE (Eq. 7, 11) on the pixels of `mask`, divided by the view's
-        valid pixels (as every unlabeled loss here)."""
-        return weighted_cross_entropy(logits, pl.target, pl.weight * pl.confidence * mask, valid)
+    def _weighted(self, logits: Tensor, pl: PseudoLabels, mask: Tensor, valid: Tensor) -> Tensor:
+        """Confidence-weighted unlabeled loss (Eq. 7, 11) on the pixels of `mask`, divided by
+        the view's valid pixels (as every unlabeled loss here)."""
+        return self.teaching.loss(logits, pl.reweighted(pl.weight * pl.confidence * mask), valid)
 
     def _selection_logs(
         self, pred_student: Tensor, pred_teacher: Tensor, scores: Tensor, valid: Tensor
     ) -> dict[str, Tensor]:
         consistent, high, low = mismatch_parts(
-            pred_student, pred_teacher.masked_fill(~valid, 255), scores
+            pred_student, pred_teacher.masked_fill(~valid, IGNORE_INDEX), scores
         )
         known = (consistent | high | low).sum().clamp(min=1)
         logs = {
@@ -173,12 +229,12 @@ class STPGScheme(SemiScheme):
     ) -> dict[str, Tensor]:
         """Eq. 13-16 on labeled pixels: prototype EMA and matching from Gen-Teacher
         projections, the proximity-guided bank, and both students' anchor/similarity losses."""
-        st = self.cfg.stpg
+        st = self.options
         assert self.anchors is not None
         teacher_proj = gen_teacher.projection[:n_x]
         size = tuple(teacher_proj.shape[-2:])
         labels = _grid(y, size)
-        known = labels != 255
+        known = labels != IGNORE_INDEX
         conf = _grid(gen_teacher.logits[:n_x].detach().float().softmax(1).amax(1), size)
         t_feat = F.normalize(teacher_proj.permute(0, 2, 3, 1)[known].float(), dim=1).cpu()
         t_lab = labels[known].cpu()
@@ -224,21 +280,15 @@ class STPGScheme(SemiScheme):
         for c in labels.unique().tolist():
             where = torch.nonzero(labels == c).flatten()
             distance = (features[where] - self.anchors[self.sigma[c]]).norm(dim=1)
-            chosen.append(where[distance.argsort()[: self.cfg.stpg.bank_topk]])
+            chosen.append(where[distance.argsort()[: self.options.bank_topk]])
         if chosen:
             index = torch.cat(chosen)
             self.bank.push(features[index], labels[index])
 
-    @torch.no_grad()
     def after_optimizer_step(self, iteration: int) -> None:
         super().after_optimizer_step(iteration)
-        decay = min(1 - 1 / (iteration + 1), self.cfg.scheme.teacher_decay)
         for name, teacher in self.teachers.items():
-            student = unwrap(self.models[name])
-            for t, s in zip(teacher.parameters(), student.parameters(), strict=True):
-                t.lerp_(s.detach(), 1 - decay)
-            for t, s in zip(teacher.buffers(), student.buffers(), strict=True):
-                t.copy_(s)
+            teacher.update(self.models[name], iteration)
 
     def state_dict(self) -> dict:
         return {

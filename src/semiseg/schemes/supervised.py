@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import Tensor
 
 from semiseg.losses import cross_entropy
 from semiseg.models.segmentor import SegmentationOutput
-from semiseg.schemes.base import Scheme, StepOutput
+from semiseg.schemes.base import AuxOptions, EvalEMAOptions, Scheme, SchemeOptions, StepOutput
 
 
 def supervised_loss(
@@ -23,12 +25,22 @@ def supervised_loss(
     return StepOutput(loss, logs)
 
 
+@dataclass
+class SupervisedOptions(SchemeOptions, EvalEMAOptions, AuxOptions):
+    name: str = "supervised"
+
+
 class SupervisedScheme(Scheme):
     """Cross-entropy on labeled crops (plus the auxiliary head's loss for models that have one)."""
+
+    name = "supervised"
+    Options = SupervisedOptions
+    summary = "labeled images only: cross-entropy (plus PSPNet's auxiliary head)"
+    trains_aux = True
 
     def training_step(
         self, labeled: dict, unlabeled: dict | None, mix: dict | None, iteration: int
     ) -> StepOutput:
         return supervised_loss(
-            self.models["student"](labeled["image"]), labeled["mask"], self.cfg.scheme.aux_weight
+            self.models["student"](labeled["image"]), labeled["mask"], self.options.aux_weight
         )

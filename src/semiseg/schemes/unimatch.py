@@ -5,11 +5,18 @@ The DAW paper's base scheme: DAW = UniMatch + the `daw` policy.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from semiseg.losses import cross_entropy
-from semiseg.schemes.base import StepOutput
-from semiseg.schemes.semi import SemiScheme, paste
+from semiseg.schemes.base import EvalEMAOptions, StepOutput, Views
+from semiseg.schemes.semi import SemiOptions, SemiScheme, paste
+
+
+@dataclass
+class UniMatchOptions(SemiOptions, EvalEMAOptions):
+    name: str = "unimatch"
 
 
 class UniMatchScheme(SemiScheme):
@@ -21,13 +28,17 @@ class UniMatchScheme(SemiScheme):
     prediction is made in eval mode. Pseudo labels and weights come from the policy.
     """
 
+    name = "unimatch"
+    Options = UniMatchOptions
+    summary = "two strong views with CutMix + a feature-perturbed stream; (L_x + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp) / 2"
+    views = Views(strong=2, boxes=2)
+
     def training_step(
         self, labeled: dict, unlabeled: dict | None, mix: dict | None, iteration: int
     ) -> StepOutput:
         assert unlabeled is not None and mix is not None
-        model = self.models["student"]
-        x, y = labeled["image"], labeled["mask"]
-        u = unlabeled
+        model, teaching = self.models["student"], self.teaching
+        u, x, y = unlabeled, labeled["image"], labeled["mask"]
         with torch.no_grad():
             model.eval()
             out_mix = model(mix["image"])
@@ -40,17 +51,16 @@ class UniMatchScheme(SemiScheme):
         strong2 = paste(u["strong2"], mix["strong2"], u["box2"])
         logits_s1, logits_s2 = model(torch.cat([strong1, strong2])).logits.chunk(2)
 
-        pl, pl_mix = self.teach(
-            labeled, clean.rows(slice(None, n)), clean.rows(slice(n, None)), u, mix, out_mix
-        )
+        teaching.observe(clean.rows(slice(None, n)), y)
+        pl, pl_mix = teaching.label(clean.rows(slice(n, None)), u, out_mix, mix)
         losses = {"loss_x": cross_entropy(logits_x, y)}
-        losses["loss_s1"], logs = self.cutmix_loss(
+        losses["loss_s1"], logs = teaching.cutmix_loss(
             logits_s1, pl, pl_mix, u["valid"], mix["valid"], u["box1"], u.get("oracle_mask")
         )
-        losses["loss_s2"], _ = self.cutmix_loss(
+        losses["loss_s2"], _ = teaching.cutmix_loss(
             logits_s2, pl, pl_mix, u["valid"], mix["valid"], u["box2"]
         )
-        losses["loss_fp"] = self.unlabeled_loss(logits_fp, pl, u["valid"])
+        losses["loss_fp"] = teaching.loss(logits_fp, pl, u["valid"])
         loss = (
             losses["loss_x"]
             + 0.25 * losses["loss_s1"]
@@ -58,5 +68,5 @@ class UniMatchScheme(SemiScheme):
             + 0.5 * losses["loss_fp"]
         ) / 2
         logs.update({k: v.detach() for k, v in losses.items()})
-        logs.update(self.diagnostics(pl, u["valid"], u.get("oracle_mask")))
+        logs.update(teaching.diagnostics(pl, u["valid"], u.get("oracle_mask")))
         return StepOutput(loss, logs)

@@ -18,6 +18,10 @@ kept, and thresholds, allotments and random choices are functions of (seed, imag
 so the labels are the same as in an uninterrupted run. Under torchrun every process
 predicts and writes its share of the images.
 
+The thresholds, the allotment and the per-image sampling are `semiseg.pseudo.dars`'s, the
+same code as the in-memory `dars_labels`; this module adds the teacher, the files and the
+passes (folder layout: `semiseg.run_folder.PseudoLabelFolder`).
+
 Memory: the largest objects are one image's logits (C x H x W float32) and the histograms
 (C x 15,361 int64); nothing grows with the number of images. Precision: thresholds are
 exact on float16-rounded confidences (relative precision 2^-11, as the official DARS code
@@ -28,19 +32,16 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import resource
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
 
-from semiseg.config import ConfigError
 from semiseg.data.dataset import SegmentationDataset
 from semiseg.data.formats import DatasetFormat, Sample, get_format
 from semiseg.data.splits import read_split, resolve_list, write_split
@@ -49,55 +50,23 @@ from semiseg.distributed import DistContext, barrier, cleanup, init_distributed
 from semiseg.evaluation import predict_logits
 from semiseg.files import atomic_write, atomic_write_text
 from semiseg.inference import load_trained_model
+from semiseg.labels import IGNORE_INDEX
+from semiseg.options import ConfigError
 from semiseg.pseudo.dars import (
     ConfidenceHistogram,
+    GeneratorSpec,
+    Plan,
+    allot,
+    candidates,
     class_ratio,
-    half_bits,
     kl_divergence,
-    target_counts,
+    plan_thresholds,
+    subsample,
+    thresholded,
 )
+from semiseg.run_folder import PseudoLabelFolder
 
-Method = Literal["st", "cbst", "da", "dars"]
-IGNORE = 255
-NUMPY_HYPERGEOMETRIC_LIMIT = 10**9
-
-
-@dataclass
-class GeneratorSpec:
-    """Which pixels a generator keeps.
-
-    method: 'st' (one threshold, or the top alpha of all pixels), 'cbst' (the top alpha of
-        each predicted class), 'da' (class thresholds for n_j = alpha * pixels * r_j, ties
-        kept) or 'dars' (DA, then random sampling to exactly n_j).
-    alpha: labeling ratio (all but ST with `threshold`).
-    threshold: ST's fixed confidence threshold instead of alpha.
-    temperature: logits are divided by it before the softmax (TS; the paper's T = 1.27).
-    variant: 'official' reproduces the released code: CBST keeps int(alpha * len_j) + 1
-        pixels of class j, DARS samples each image separately (drop int(c - c * s_j) of its
-        c kept class-j pixels, s_j = n_j / kept_j), and the softmax runs in float16.
-    """
-
-    method: Method = "dars"
-    alpha: float | None = 0.2
-    threshold: float | None = None
-    temperature: float = 1.0
-    variant: Literal["paper", "official"] = "paper"
-
-    def __post_init__(self) -> None:
-        if self.method not in ("st", "cbst", "da", "dars"):
-            raise ValueError(
-                f"unknown pseudo-label method {self.method!r}; use st, cbst, da or dars"
-            )
-        if self.variant not in ("paper", "official"):
-            raise ValueError(f"variant must be 'paper' or 'official', got {self.variant!r}")
-        if self.method == "st" and (self.alpha is None) == (self.threshold is None):
-            raise ValueError("ST takes exactly one of alpha (a labeling ratio) and threshold")
-        if self.method != "st" and self.alpha is None:
-            raise ValueError(f"{self.method} needs a labeling ratio alpha")
-        if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {self.temperature}")
+__all__ = ["GeneratorSpec", "TeacherSpec", "format_stats", "generate", "pseudo_label_checkpoint"]
 
 
 @dataclass
@@ -119,18 +88,9 @@ def labeled_class_counts(
     ):
         assert sample.mask is not None
         labels = torch.from_numpy(fmt.load_mask(sample.mask).astype(np.int64)).flatten()
-        labels = labels[labels != IGNORE]
+        labels = labels[labels != IGNORE_INDEX]
         counts += torch.bincount(labels, minlength=num_classes)[:num_classes]
     return counts
-
-
-def _cache_path(out: Path, index: int) -> Path:
-    return out / "cache" / f"{index:06d}.npz"
-
-
-def _label_path(out: Path, index: int, sample: Sample) -> Path:
-    # The index keeps names unique when two folders hold files of the same name.
-    return out / "labels" / f"{index:06d}_{sample.image.stem}.png"
 
 
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:
@@ -140,7 +100,7 @@ def _save_npz(path: Path, **arrays: np.ndarray) -> None:
 
 
 def _load_cache(out: Path, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    with np.load(_cache_path(out, index)) as data:
+    with np.load(PseudoLabelFolder(out).cache_file(index)) as data:
         return torch.from_numpy(data["conf"]), torch.from_numpy(data["pred"])
 
 
@@ -162,7 +122,8 @@ def predict_set(
     rank, world = (ctx.rank, ctx.world_size) if ctx else (0, 1)
     transform = eval_transform(teacher.mode, teacher.size)
     dataset = SegmentationDataset(samples, fmt, transform, with_mask=False)
-    todo = [i for i in range(rank, len(samples), world) if not _cache_path(out, i).is_file()]
+    folder = PseudoLabelFolder(out)
+    todo = [i for i in range(rank, len(samples), world) if not folder.cache_file(i).is_file()]
     model.eval()
     for i in tqdm(todo, desc="teacher predictions", disable=not progress, dynamic_ncols=True):
         with Image.open(samples[i].image) as img:
@@ -181,7 +142,7 @@ def predict_set(
             logits = logits.half()
         conf, pred = logits.softmax(dim=1)[0].max(dim=0)
         _save_npz(
-            _cache_path(out, i),
+            folder.cache_file(i),
             conf=conf.half().cpu().numpy(),
             pred=pred.to(torch.uint8).cpu().numpy(),
         )
@@ -196,113 +157,17 @@ def histogram(out: Path, count: int, num_classes: int) -> ConfidenceHistogram:
     return hist
 
 
-@dataclass
-class Plan:
-    """What pass 2 decided: per-class thresholds (None = drop the class), targets n_j (DA and
-    DARS) and the pixels of each class that reach its threshold."""
-
-    thresholds: list[float | None]
-    targets: list[int] | None
-    kept: list[int]
-
-
-def plan_thresholds(
-    spec: GeneratorSpec, hist: ConfidenceHistogram, ratio: torch.Tensor | None
-) -> Plan:
-    total = int(hist.counts.sum())
-    num_classes = hist.num_classes
-    if spec.method == "st":
-        if spec.threshold is not None:
-            t: float | None = spec.threshold
-        else:
-            assert spec.alpha is not None
-            t, _ = hist.global_threshold(math.floor(spec.alpha * total))
-        thresholds = [t] * num_classes
-        kept = [_count_at_least(hist.counts[j], t) for j in range(num_classes)]
-        return Plan(thresholds, None, kept)
-    assert spec.alpha is not None
-    if spec.method == "cbst":
-        wanted = torch.floor(spec.alpha * hist.class_totals().double()).long()
-        if spec.variant == "official":
-            wanted = wanted + 1
-        thresholds, kept = hist.class_thresholds(wanted)
-        return Plan(thresholds, None, kept.tolist())
-    if ratio is None:
-        raise ValueError(f"{spec.method} needs the labeled class distribution")
-    targets = target_counts(ratio, spec.alpha, total)
-    thresholds, kept = hist.class_thresholds(targets)
-    return Plan(thresholds, targets.tolist(), kept.tolist())
-
-
-def _count_at_least(counts: torch.Tensor, t: float | None) -> int:
-    if t is None:
-        return 0
-    return int(counts[int(half_bits(torch.tensor([t]))[0]) :].sum())
-
-
-def _threshold_tensor(plan: Plan) -> torch.Tensor:
-    return torch.tensor(
-        [math.inf if t is None else t for t in plan.thresholds], dtype=torch.float32
-    )
-
-
-def _candidates(conf: torch.Tensor, pred: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
-    """Pixels whose confidence reaches their predicted class's threshold (bool, conf's shape)."""
-    return conf.float() >= thresholds[pred.long()]
-
-
-def allot(out: Path, count: int, spec: GeneratorSpec, plan: Plan, seed: int) -> np.ndarray:
-    """Pass 3 (DARS): kept pixels of each class per image, int64 [N, C].
-
-    Paper variant: image by image, the number of class-j candidates kept follows the
-    hypergeometric law of drawing the image's candidates from those left, with the class's
-    remaining quota as successes, so class j ends with exactly min(n_j, kept_j) pixels and
-    every subset of that size is equally likely. (numpy draws it exactly below 10^9
-    candidates; above, a normal approximation with the same mean and variance, clipped to
-    the feasible range, keeps the total exact.) Official variant: s_j = n_j / kept_j and each
-    image keeps c - int(c - c * s_j) of its c candidates.
-    """
-    assert plan.targets is not None
-    thresholds = _threshold_tensor(plan)
+def allot_set(out: Path, count: int, spec: GeneratorSpec, plan: Plan, seed: int) -> np.ndarray:
+    """Pass 3 (DARS): kept pixels of each class per image, int64 [N, C] (`allot` on the
+    candidates of every cached image; the random draws are a function of `seed`)."""
+    thresholds = plan.threshold_tensor()
     num_classes = len(plan.thresholds)
     per_image = np.zeros((count, num_classes), dtype=np.int64)
     for i in range(count):
         conf, pred = _load_cache(out, i)
-        keep = _candidates(conf, pred, thresholds)
+        keep = candidates(conf, pred, thresholds)
         per_image[i] = np.bincount(pred[keep].long().numpy(), minlength=num_classes)[:num_classes]
-    quota = np.minimum(np.array(plan.targets, dtype=np.int64), per_image.sum(axis=0))
-    if spec.variant == "official":
-        totals = per_image.sum(axis=0)
-        s = np.where(
-            totals > 0, np.minimum(1.0, np.array(plan.targets) / np.maximum(totals, 1)), 1.0
-        )
-        return per_image - (per_image - per_image * s).astype(np.int64)
-    rng = np.random.default_rng(seed)
-    remaining = per_image.sum(axis=0)
-    out_counts = np.zeros_like(per_image)
-    for i in range(count):
-        for j in range(num_classes):
-            c = int(per_image[i, j])
-            if c == 0:
-                continue
-            out_counts[i, j] = _draw_hypergeometric(
-                rng, int(quota[j]), int(remaining[j] - quota[j]), c
-            )
-            quota[j] -= out_counts[i, j]
-            remaining[j] -= c
-    return out_counts
-
-
-def _draw_hypergeometric(rng: np.random.Generator, good: int, bad: int, sample: int) -> int:
-    low, high = max(0, sample - bad), min(sample, good)
-    if low == high:
-        return low
-    if good < NUMPY_HYPERGEOMETRIC_LIMIT and bad < NUMPY_HYPERGEOMETRIC_LIMIT:
-        return int(rng.hypergeometric(good, bad, sample))
-    total = good + bad
-    mean = sample * good / total
-    var = sample * (good / total) * (bad / total) * (total - sample) / max(total - 1, 1)
-    return int(min(high, max(low, round(rng.normal(mean, math.sqrt(var))))))
+    return allot(per_image, plan, spec.variant, np.random.default_rng(seed))
 
 
 def write_labels(
@@ -316,41 +181,35 @@ def write_labels(
 ) -> None:
     """Pass 4: this process's share of label PNGs, skipping those already written."""
     rank, world = (ctx.rank, ctx.world_size) if ctx else (0, 1)
-    thresholds = _threshold_tensor(plan)
+    folder = PseudoLabelFolder(out)
     todo = [
-        i for i in range(rank, len(samples), world) if not _label_path(out, i, samples[i]).is_file()
+        i
+        for i in range(rank, len(samples), world)
+        if not folder.label_file(i, samples[i].image).is_file()
     ]
     for i in tqdm(todo, desc="write pseudo labels", disable=not progress, dynamic_ncols=True):
         conf, pred = _load_cache(out, i)
-        labels = torch.where(_candidates(conf, pred, thresholds), pred.long(), IGNORE)
+        labels = thresholded(conf, pred, plan)
         if allotment is not None:
-            labels = _subsample(labels, allotment[i], seed, i)
+            # Per-image generators: a resumed pass draws each image's choice again identically.
+            labels = subsample(
+                labels, allotment[i], torch.Generator().manual_seed(seed * 1_000_003 + i)
+            )
         image = Image.fromarray(labels.to(torch.uint8).numpy(), mode="L")
         atomic_write(
-            _label_path(out, i, samples[i]), lambda tmp, im=image: im.save(tmp, format="PNG")
+            folder.label_file(i, samples[i].image), lambda tmp, im=image: im.save(tmp, format="PNG")
         )
-
-
-def _subsample(
-    labels: torch.Tensor, keep_counts: np.ndarray, seed: int, index: int
-) -> torch.Tensor:
-    """Keep `keep_counts[j]` uniformly chosen pixels of each class j of one image."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
-    flat = labels.flatten().clone()
-    for j, keep in enumerate(keep_counts.tolist()):
-        where = torch.nonzero(flat == j).flatten()
-        if where.numel() > keep:
-            order = torch.randperm(where.numel(), generator=generator)
-            flat[where[order[keep:]]] = IGNORE
-    return flat.view_as(labels)
 
 
 def final_counts(out: Path, samples: list[Sample], num_classes: int) -> torch.Tensor:
     counts = torch.zeros(num_classes, dtype=torch.int64)
+    folder = PseudoLabelFolder(out)
     for i, sample in enumerate(samples):
-        with Image.open(_label_path(out, i, sample)) as img:
+        with Image.open(folder.label_file(i, sample.image)) as img:
             labels = torch.from_numpy(np.array(img).astype(np.int64)).flatten()
-        counts += torch.bincount(labels[labels != IGNORE], minlength=num_classes)[:num_classes]
+        counts += torch.bincount(labels[labels != IGNORE_INDEX], minlength=num_classes)[
+            :num_classes
+        ]
     return counts
 
 
@@ -369,15 +228,22 @@ def generate(
     ctx: DistContext | None = None,
     root: Path | None = None,
     progress: bool = True,
+    restart: bool = False,
 ) -> dict:
     """Pseudo labels for `samples` into `out` (see the module docstring); returns the stats.
 
     `labeled_counts` [C] (pixels per class of the labeled set) is needed by DA and DARS and
     gives the KL divergences in the stats. `root` is the dataset folder that list.txt paths
-    are written relative to.
+    are written relative to. `restart` discards what an earlier generation left in `out`
+    (a new teacher's labels must not reuse the old teacher's cache).
     """
     out = Path(out)
-    done = out / "stats.json"
+    folder = PseudoLabelFolder(out)
+    done = folder.stats
+    if restart and (ctx is None or ctx.is_main):
+        folder.clear()
+    if ctx is not None:
+        barrier(ctx)
     if done.is_file():
         return json.loads(done.read_text())
     start = time.perf_counter()
@@ -392,7 +258,7 @@ def generate(
     ratio = class_ratio(labeled_counts) if labeled_counts is not None else None
     hist = histogram(out, len(samples), num_classes)
     plan = plan_thresholds(spec, hist, ratio)
-    allotment = allot(out, len(samples), spec, plan, seed) if spec.method == "dars" else None
+    allotment = allot_set(out, len(samples), spec, plan, seed) if spec.method == "dars" else None
     write_labels(out, samples, plan, allotment, seed, ctx, progress and is_main)
     if ctx is not None:
         barrier(ctx)
@@ -407,8 +273,8 @@ def generate(
             "seconds": time.perf_counter() - start,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }
-        labeled = [Sample(s.image, _label_path(out, i, s)) for i, s in enumerate(samples)]
-        write_split(out / "list.txt", labeled, root or Path("/"))
+        labeled = [Sample(s.image, folder.label_file(i, s.image)) for i, s in enumerate(samples)]
+        write_split(folder.split_list, labeled, root or Path("/"))
         atomic_write_text(done, json.dumps(stats, indent=2) + "\n")
     if ctx is not None:
         # Every process returns only once list.txt and stats.json exist.
@@ -449,6 +315,7 @@ def pseudo_label_checkpoint(
     seed: int = 0,
     device: str = "auto",
     progress: bool = True,
+    restart: bool = False,
 ) -> tuple[dict, list[str]]:
     """`semiseg pseudo-label`: label a checkpoint's unlabeled set (or `unlabeled`) into `out`,
     with the class distribution of its labeled set (or `labeled`); returns (stats, class names)."""
@@ -490,6 +357,7 @@ def pseudo_label_checkpoint(
             ctx=ctx if ctx.distributed else None,
             root=root,
             progress=progress and ctx.is_main,
+            restart=restart,
         )
         return stats, list(ckpt["class_names"])
     finally:

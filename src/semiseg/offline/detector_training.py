@@ -5,6 +5,11 @@ labeled images, on boxes made from their masks (one per 8-connected component of
 "thing" class, `semiseg.pseudo.detector.boxes_from_mask`), then keeps its detections on
 the unlabeled images above a score threshold (0.85 VOC, 0.95 Cityscapes).
 
+The detector's options are the `policy.detector` section of the rank-weighting policy
+(`semiseg.pseudo.detector.DetectorOptions`); its folder is `policy.detector.dir`
+(`semiseg.run_folder.DetectorFolder`), and training reads the cached boxes through
+`semiseg.data.detections.DetectionCache`.
+
 - `train_detector`: Adam (lr 5e-5, the released code), horizontal flips, checkpoints every
   `detector.checkpoint_every` steps to DIR/latest.pt (written atomically); running again
   resumes (model, optimiser, data position and RNG) and a finished run is left as it is.
@@ -29,6 +34,7 @@ from torchvision.ops import box_iou
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
+from semiseg import config_legacy
 from semiseg.checkpoint import (
     capture_rng,
     load_checkpoint,
@@ -38,13 +44,20 @@ from semiseg.checkpoint import (
 )
 from semiseg.config import Config, ConfigError, config_to_dict
 from semiseg.data.dataset import SegmentationDataset, load_image
+from semiseg.data.detections import DetectionCache
 from semiseg.data.formats import DatasetFormat, Sample
 from semiseg.data.sampling import ResumableSampler
 from semiseg.data.transforms import eval_transform
 from semiseg.evaluation import predict_logits
 from semiseg.files import atomic_write_text
 from semiseg.inference import load_trained_model
-from semiseg.pseudo.detector import box_agreement_counts, box_class_map, boxes_from_mask
+from semiseg.pseudo.detector import (
+    DetectorOptions,
+    box_agreement_counts,
+    box_class_map,
+    boxes_from_mask,
+)
+from semiseg.run_folder import DetectorFolder
 
 BACKBONES = {
     "resnet50_fpn": tv_detection.fasterrcnn_resnet50_fpn,
@@ -52,10 +65,26 @@ BACKBONES = {
 }
 
 
+def detector_options(cfg: Config) -> DetectorOptions:
+    """The detector section of the config's policy (`policy.detector`)."""
+    det = getattr(cfg.policy, "detector", None)
+    if not isinstance(det, DetectorOptions):
+        policy = cfg.policy.name if cfg.policy is not None else None
+        raise ConfigError(
+            f"semiseg detector needs a policy with a detector (policy.name=rankweight and its policy.detector "
+            f"section); this config's policy is {policy!r}"
+        )
+    return det
+
+
+def _reliable_threshold(cfg: Config) -> float:
+    return float(cfg.policy.reliable_threshold)
+
+
 def build_detector(cfg: Config) -> nn.Module:
     """Faster R-CNN without any pretrained weights (the paper trains it from scratch); class
     k + 1 of the detector is `detector.classes[k]` of the segmentation (0 is background)."""
-    det = cfg.detector
+    det = detector_options(cfg)
     if not det.classes:
         raise ConfigError(
             "detector.classes is empty: list the segmentation classes to detect (thing classes)"
@@ -75,10 +104,11 @@ def detection_target(sample: Sample, fmt: DatasetFormat, cfg: Config) -> tuple[t
     assert sample.mask is not None
     image = TF.to_dtype(TF.pil_to_tensor(load_image(sample.image)), torch.float32, scale=True)
     mask = torch.from_numpy(fmt.load_mask(sample.mask).astype(np.int64))
-    boxes, labels = boxes_from_mask(mask, cfg.detector.classes)
-    keep = _component_sizes(mask, boxes, labels) >= cfg.detector.min_component_pixels
+    det = detector_options(cfg)
+    boxes, labels = boxes_from_mask(mask, det.classes)
+    keep = _component_sizes(mask, boxes, labels) >= det.min_component_pixels
     detector_labels = torch.tensor(
-        [cfg.detector.classes.index(int(c)) + 1 for c in labels[keep]], dtype=torch.int64
+        [det.classes.index(int(c)) + 1 for c in labels[keep]], dtype=torch.int64
     )
     return image, {"boxes": boxes[keep], "labels": detector_labels}
 
@@ -107,16 +137,16 @@ def train_detector(
     progress: bool = True,
 ) -> Path:
     """Train (or resume, or leave alone if finished) the detector in `detector.dir`."""
-    det = cfg.detector
-    out = Path(det.dir)
-    latest = out / "latest.pt"
+    det = detector_options(cfg)
+    latest = DetectorFolder(det.dir).latest
     seed_everything(cfg.train.seed)  # before building: the initial weights depend on the seed only
     model = build_detector(cfg).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=det.lr)
     iteration = 0
     if latest.is_file():
         ckpt = load_checkpoint(latest)
-        if ckpt["config"]["detector"] != config_to_dict(cfg)["detector"]:
+        saved = (config_legacy.upgrade(ckpt["config"]).get("policy") or {}).get("detector")
+        if saved != config_to_dict(cfg)["policy"]["detector"]:
             raise ConfigError(
                 f"{latest} was trained with another detector config; use another detector.dir"
             )
@@ -175,87 +205,58 @@ def train_detector(
 
 
 def load_detector(cfg: Config, device: torch.device) -> nn.Module:
-    path = Path(cfg.detector.dir) / "latest.pt"
+    det = detector_options(cfg)
+    path = DetectorFolder(det.dir).latest
     ckpt = load_checkpoint(path)
-    if ckpt["iteration"] < cfg.detector.iterations:
+    if ckpt["iteration"] < det.iterations:
         raise ConfigError(
-            f"{path} is at iteration {ckpt['iteration']} of {cfg.detector.iterations}: finish training first"
+            f"{path} is at iteration {ckpt['iteration']} of {det.iterations}: finish training first"
         )
     model = build_detector(cfg)
     model.load_state_dict(ckpt["models"]["detector"])
     return model.to(device).eval()
 
 
-def _detection_path(cfg: Config, index: int) -> Path:
-    return Path(cfg.detector.dir) / "detections" / f"{index:06d}.json"
+def detection_cache(cfg: Config) -> DetectionCache:
+    det = detector_options(cfg)
+    return DetectionCache(det.dir, det.classes)
 
 
 @torch.no_grad()
 def detect(cfg: Config, samples: list[Sample], device: torch.device, progress: bool = True) -> Path:
     """Cache the detections (score >= detector.score_threshold) of every sample; returns the folder."""
     model = load_detector(cfg, device)
-    classes = cfg.detector.classes
-    todo = [i for i in range(len(samples)) if not _detection_path(cfg, i).is_file()]
+    det = detector_options(cfg)
+    classes, folder = det.classes, DetectorFolder(det.dir)
+    todo = [i for i in range(len(samples)) if not folder.detection_file(i).is_file()]
     for i in tqdm(todo, desc="detect", disable=not progress, dynamic_ncols=True):
         image = TF.to_dtype(
             TF.pil_to_tensor(load_image(samples[i].image)), torch.float32, scale=True
         )
         found = model([image.to(device)])[0]
-        keep = found["scores"] >= cfg.detector.score_threshold
+        keep = found["scores"] >= det.score_threshold
         record = {
             "image": str(samples[i].image),
             "boxes": found["boxes"][keep].cpu().tolist(),
             "classes": [classes[int(k) - 1] for k in found["labels"][keep].cpu()],
             "scores": found["scores"][keep].cpu().tolist(),
         }
-        atomic_write_text(_detection_path(cfg, i), json.dumps(record) + "\n")
-    return Path(cfg.detector.dir) / "detections"
-
-
-def load_detections(cfg: Config, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(boxes [N,4] xyxy, segmentation classes [N]) cached for unlabeled image `index`."""
-    path = _detection_path(cfg, index)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"no cached detections for unlabeled image {index} ({path}); run `semiseg detector detect`"
-        )
-    record = json.loads(path.read_text())
-    boxes = torch.tensor(record["boxes"], dtype=torch.float32).reshape(-1, 4)
-    return boxes, torch.tensor(record["classes"], dtype=torch.int64)
-
-
-def detection_bitmask(cfg: Config, index: int, size: tuple[int, int]) -> torch.Tensor:
-    """int64 [H,W] for unlabeled image `index`: bit i is set inside the cached boxes of
-    class `detector.classes[i]` (what `UnlabeledTransform` carries through augmentation)."""
-    boxes, classes = load_detections(cfg, index)
-    inside = box_class_map(boxes, classes, max(cfg.detector.classes) + 1, size)
-    bits = torch.zeros(size, dtype=torch.int64)
-    for bit, c in enumerate(cfg.detector.classes):
-        bits |= inside[c].long() << bit
-    return bits
-
-
-def check_detections(cfg: Config, count: int) -> None:
-    """Fail before training when the detections of some unlabeled image are not cached."""
-    missing = [i for i in range(count) if not _detection_path(cfg, i).is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"{len(missing)} of {count} unlabeled images have no cached detections in {Path(cfg.detector.dir) / 'detections'} "
-            f"(first: index {missing[0]}); run `semiseg detector train` and `semiseg detector detect` with this config"
-        )
+        atomic_write_text(folder.detection_file(i), json.dumps(record) + "\n")
+    return folder.detections
 
 
 def box_accuracy(cfg: Config, samples: list[Sample], fmt: DatasetFormat, iou: float = 0.8) -> dict:
     """Share of cached detections that match (IoU >= `iou`, same class) a box from the
     sample's ground-truth mask, overall and per class (supplement Table 1)."""
-    correct = {c: 0 for c in cfg.detector.classes}
-    total = {c: 0 for c in cfg.detector.classes}
+    det, cache = detector_options(cfg), detection_cache(cfg)
+    correct = {c: 0 for c in det.classes}
+    total = {c: 0 for c in det.classes}
     for i, sample in enumerate(samples):
         if sample.mask is None:
             raise ConfigError(f"box accuracy needs ground-truth masks; {sample.image} has none")
-        boxes, classes = load_detections(cfg, i)
+        boxes, classes = cache.load(i)
         mask = torch.from_numpy(fmt.load_mask(sample.mask).astype(np.int64))
-        gt_boxes, gt_classes = boxes_from_mask(mask, cfg.detector.classes)
+        gt_boxes, gt_classes = boxes_from_mask(mask, det.classes)
         for box, c in zip(boxes, classes.tolist(), strict=True):
             total[c] += 1
             same = gt_boxes[gt_classes == c]
@@ -265,9 +266,7 @@ def box_accuracy(cfg: Config, samples: list[Sample], fmt: DatasetFormat, iou: fl
     return {
         "detections": detections,
         "accuracy": sum(correct.values()) / detections if detections else float("nan"),
-        "per_class": {
-            c: (correct[c] / total[c] if total[c] else None) for c in cfg.detector.classes
-        },
+        "per_class": {c: (correct[c] / total[c] if total[c] else None) for c in det.classes},
         "per_class_count": total,
     }
 
@@ -295,6 +294,7 @@ def pixel_box_accuracy(
     size = model_cfg.data.eval_size or model_cfg.data.crop_size
     dataset = SegmentationDataset(samples, fmt, eval_transform(mode, size), with_mask=True)
     counts = torch.zeros((len(PIXEL_GROUPS), 2, num_classes), dtype=torch.int64)
+    cache, threshold = detection_cache(cfg), _reliable_threshold(cfg)
     for i in tqdm(
         range(len(samples)), desc="pixel/box accuracy", disable=not progress, dynamic_ncols=True
     ):
@@ -304,22 +304,18 @@ def pixel_box_accuracy(
             model, item["image"][None].to(device), num_classes, tuple(target.shape), mode, size
         )
         conf, pred = logits.float().softmax(dim=1)[0].max(dim=0)
-        boxes, classes = load_detections(cfg, i)
+        boxes, classes = cache.load(i)
         boxes_map = box_class_map(boxes, classes, num_classes, tuple(target.shape))
         counts += box_agreement_counts(
-            pred[None].cpu(),
-            conf[None].cpu(),
-            target[None].long(),
-            boxes_map[None],
-            cfg.policy.reliable_threshold,
+            pred[None].cpu(), conf[None].cpu(), target[None].long(), boxes_map[None], threshold
         )
-    things = list(cfg.detector.classes)
+    things = list(cache.classes)
 
     def precision(right: torch.Tensor, total: torch.Tensor) -> float | None:
         return float(right) / float(total) if int(total) else None
 
     return {
-        "threshold": cfg.policy.reliable_threshold,
+        "threshold": threshold,
         "groups": {
             name: {
                 "per_class": {c: precision(counts[g, 0, c], counts[g, 1, c]) for c in things},

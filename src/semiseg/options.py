@@ -1,0 +1,58 @@
+"""Typed options of components (schemes, policies, unlabeled losses) and their errors.
+
+Every component owns a dataclass of its options, beside its class, subclassing `Options`;
+`semiseg.config` builds the one a config section names and checks every key and type
+against it. `validate` adds the range checks a type annotation cannot express; it raises
+`OptionError` with the bare option name, and the config prefixes the section
+(`policy.momentum`). This module imports nothing heavy, so component modules and the
+config can both depend on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the offending dotted key."""
+
+
+class OptionError(ConfigError):
+    """An option value out of its range: `key` is the option's name inside its section."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key} {message}")
+        self.key = key
+        self.message = message
+
+
+@dataclass
+class Options:
+    """Base of option dataclasses. Subclasses extend `validate` (calling super) with checks
+    of their own fields."""
+
+    def validate(self) -> None:
+        """Raise `OptionError` for a value outside its range."""
+
+    def require(self, ok: bool, key: str, message: str) -> None:
+        if not ok:
+            raise OptionError(key, f"{message}, got {getattr(self, key)!r}")
+
+    def positive(self, *keys: str) -> None:
+        for key in keys:
+            self.require(getattr(self, key) > 0, key, "must be positive")
+
+    def probability(self, *keys: str) -> None:
+        for key in keys:
+            self.require(0.0 <= getattr(self, key) <= 1.0, key, "must be in [0, 1]")
+
+    def decay(self, *keys: str) -> None:
+        for key in keys:
+            self.require(0.0 <= getattr(self, key) < 1.0, key, "must be in [0, 1)")
+
+
+@dataclass
+class ComponentOptions(Options):
+    """Options of a registered component: `name` picks the component in its registry."""
+
+    name: str = ""
