@@ -300,6 +300,21 @@ def test_self_training_runs_every_round_and_resumes_after_a_kill(
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_restart_labels_every_round_again_with_its_new_teacher(synthetic_root, tmp_path):
+    from semiseg.training import train
+
+    cfg = self_training_config(synthetic_root, tmp_path / "st")
+    train(cfg, progress=False)
+    labels = sorted((tmp_path / "st" / "round1" / "pseudo" / "labels").glob("*.png"))
+    original = labels[0].read_bytes()
+    # Stand-in for the labels of an earlier, different teacher.
+    shape = np.array(Image.open(labels[0])).shape
+    Image.fromarray(np.full(shape, 255, dtype=np.uint8)).save(labels[0])
+    train(cfg, restart=True, progress=False)
+    # Round 0 was trained again (to the same weights) and labelled the set again.
+    assert labels[0].read_bytes() == original
+
+
 def test_pseudo_label_cli_prints_the_class_table(synthetic_root, tmp_path, capsys):
     from conftest import tiny_config
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -153,3 +155,85 @@ def test_feature_bank_under_ddp_holds_every_ranks_features_on_every_rank(tmp_pat
         0 <= v < 5 for v in stored[2:].tolist()
     )
     assert a["queues"][1, 0, 0].item() == 99.0
+
+
+# One representative combination per scheme, under two-process gloo DDP: parameters a step
+# leaves without gradient (STPG's projection heads before matching, PSPNet's auxiliary head
+# under a semi-supervised scheme) used to stop DDP at the second step.
+DDP_COMBINATIONS = {
+    "supervised-pspnet": {"model": {"name": "pspnet"}},
+    "fixmatch-daw": {"scheme": {"name": "fixmatch"}, "policy": {"name": "daw"}},
+    "unimatch-pspnet": {
+        "model": {"name": "pspnet"},
+        "scheme": {"name": "unimatch"},
+        "policy": {"name": "threshold", "threshold": 0.2},
+    },
+    "mean-teacher-rankweight-fpl": {
+        "scheme": {"name": "mean_teacher"},
+        "policy": {"name": "rankweight", "threshold": 0.0, "rppi": False},
+        "loss": {"name": "fpl"},
+    },
+    "cps-ael": {"scheme": {"name": "cps"}, "policy": {"name": "ael"}},
+    "stpg-match-after-2": {
+        "scheme": {
+            "name": "stpg",
+            "match_after": 2,
+            "anchor_steps": 20,
+            "bank_topk": 8,
+            "phi": 0.0,
+        },
+        "policy": {"name": "pseudo_label"},
+    },
+    "stpg-no-contrast": {
+        "scheme": {"name": "stpg", "lambda_ctr": 0.0},
+        "policy": {"name": "pseudo_label"},
+    },
+    "self-training": {"scheme": {"name": "self_training", "alpha": [0.3]}},
+}
+
+
+@pytest.mark.slow
+def test_one_combination_per_scheme_trains_under_two_process_ddp(synthetic_root, tmp_path):
+    import json
+
+    paths = []
+    for name, sections in DDP_COMBINATIONS.items():
+        raw = tiny_config(
+            synthetic_root,
+            tmp_path / name,
+            train={"iterations": 3, "eval_every": 3, "log_every": 1, "threads": 1},
+        )
+        for section, values in sections.items():
+            raw.setdefault(section, {}).update(values)
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        paths.append(str(path))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RESULTS_DIR": str(tmp_path)}
+    runner = Path(__file__).with_name("ddp_runner.py")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        str(runner),
+        *paths,
+    ]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    for name in DDP_COMBINATIONS:
+        results = [json.loads((tmp_path / f"{name}.rank{r}.json").read_text()) for r in (0, 1)]
+        assert all(r["iteration"] == 3 for r in results), name
+        folder = tmp_path / name / results[0]["metrics_dir"]
+        losses = [
+            r["loss"] for r in read_metrics(folder / "metrics.jsonl") if r["split"] == "train"
+        ]
+        assert len(losses) == 3 and all(math.isfinite(v) for v in losses), name
+    stpg = [
+        r
+        for r in read_metrics(tmp_path / "stpg-match-after-2" / "metrics.jsonl")
+        if r["split"] == "train"
+    ]
+    assert stpg[0]["loss_ac"] == 0 and stpg[-1]["loss_ac"] > 0

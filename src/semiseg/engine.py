@@ -353,9 +353,17 @@ class Trainer:
             if self.ctx.device.type == "cuda":
                 model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
             ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
-            # Parameters a step may legitimately leave without gradient (a PSPNet auxiliary head
-            # under a semi-supervised scheme, STPG's projection heads before matching) would
-            # otherwise stop DDP's reducer at the next step.
+            # Parameters a step legitimately leaves without gradient would otherwise stop DDP's
+            # reducer at the next step. Those the scheme never trains (a PSPNet auxiliary head
+            # under a semi-supervised scheme) are taken out of DDP's hands (its documented
+            # workaround, pytorch#43690); searching the graph for them instead would forbid the
+            # several forward passes per step of FixMatch and UniMatch. Those some steps train
+            # (STPG's projection heads, from `match_after` on) need the search.
+            untrained = self.scheme_cls.untrained(self.cfg.scheme, model)
+            if untrained:
+                DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                    model, untrained
+                )
             unused = self.scheme_cls.may_leave_unused(self.cfg.scheme, model)
             model = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=unused)
         return model

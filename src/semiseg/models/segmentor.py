@@ -81,7 +81,7 @@ class SegmentationModel(nn.Module):
         )
 
     def forward(
-        self, x: Tensor, perturb: bool = False
+        self, x: Tensor, perturb: bool = False, train_projection: bool = True
     ) -> SegmentationOutput | tuple[SegmentationOutput, SegmentationOutput]:
         """Segment ``x`` [B, 3, H, W].
 
@@ -90,22 +90,31 @@ class SegmentationModel(nn.Module):
         batch is decoded at once (so BatchNorm sees both halves, as in UniMatch), and the
         result is split into ``(clean, perturbed)``, each for B images. Dropout is only
         active in training mode; in eval mode both outputs are equal.
+
+        ``train_projection=False`` computes the projection without gradient, for a step whose
+        loss does not use it (STPG before its contrastive losses start): its parameters are
+        then outside the step's graph, as DDP needs, and its dropout still draws as usual.
         """
         size = x.shape[-2:]
         feats = self.backbone(x)
         if not perturb:
-            return self._decode(feats, size)
+            return self._decode(feats, size, train_projection)
         # All three maps are perturbed so that any head sees a consistent 2B batch; the
         # DeepLabV3+ head reads low and high, PSPNet high (and mid for its auxiliary head).
         doubled = BackboneFeatures(*(torch.cat([f, self.feature_dropout(f)]) for f in feats))
-        out = self._decode(doubled, size)
+        out = self._decode(doubled, size, train_projection)
         b = x.shape[0]
         return out.rows(slice(0, b)), out.rows(slice(b, None))
 
-    def _decode(self, feats: BackboneFeatures, size: torch.Size) -> SegmentationOutput:
+    def _decode(
+        self, feats: BackboneFeatures, size: torch.Size, train_projection: bool = True
+    ) -> SegmentationOutput:
         head_out = self.head(feats)
         aux = None if head_out.aux is None else _resize(head_out.aux, size)
-        projection = None if self.projector is None else self.projector(head_out.features)
+        projection = None
+        if self.projector is not None:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and train_projection):
+                projection = self.projector(head_out.features)
         return SegmentationOutput(
             _resize(head_out.logits, size), head_out.features, aux, projection
         )
@@ -114,6 +123,16 @@ class SegmentationModel(nn.Module):
     def has_aux_head(self) -> bool:
         """The decoder has an auxiliary head (PSPNet), trained only by schemes that give it a loss."""
         return hasattr(self.head, "aux_head")
+
+    def aux_head_names(self) -> list[str]:
+        """Qualified names of the auxiliary head's parameters and buffers (empty without one)."""
+        if not self.has_aux_head:
+            return []
+        return [
+            n
+            for n, _ in [*self.named_parameters(), *self.named_buffers()]
+            if n.startswith("head.aux_head.")
+        ]
 
     def backbone_parameters(self) -> Iterator[nn.Parameter]:
         """Encoder parameters (base learning rate)."""

@@ -122,10 +122,16 @@ class Scheme:
         return None
 
     @classmethod
+    def untrained(cls, options: SchemeOptions, model: nn.Module) -> list[str]:
+        """Qualified names of parameters and buffers of `model` that no step of this scheme
+        trains (a PSPNet auxiliary head the scheme gives no loss); DDP leaves them alone."""
+        return [] if cls.trains_aux else model.aux_head_names()
+
+    @classmethod
     def may_leave_unused(cls, options: SchemeOptions, model: nn.Module) -> bool:
-        """Whether a step may leave parameters of `model` without a gradient (DDP must then
-        look for them); by default a PSPNet auxiliary head the scheme does not train."""
-        return bool(getattr(model, "has_aux_head", False)) and not cls.trains_aux
+        """Whether some steps leave parameters of `model` without a gradient that other steps
+        train (DDP must then look for them at every step); by default none."""
+        return False
 
     @classmethod
     def check_config(cls, cfg: Any) -> None:

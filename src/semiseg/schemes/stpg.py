@@ -114,8 +114,7 @@ class STPGScheme(SemiScheme):
     @classmethod
     def may_leave_unused(cls, options: STPGOptions, model: nn.Module) -> bool:
         # The projection heads get their first gradient when the contrastive losses start.
-        contrast_later = options.lambda_ctr > 0 and options.match_after > 0
-        return contrast_later or super().may_leave_unused(options, model)
+        return options.lambda_ctr > 0 and options.match_after > 0
 
     def __init__(
         self,
@@ -155,7 +154,11 @@ class STPGScheme(SemiScheme):
                 for name, teacher in self.teachers.items()
             }
         strong = paste(u["strong1"], mix["strong1"], u["box1"])
-        student_out = {name: self.models[name](torch.cat([x, strong])) for name in self.model_names}
+        contrast_now = self.contrastive and iteration >= st.match_after
+        student_out = {
+            name: self.models[name](torch.cat([x, strong]), train_projection=contrast_now)
+            for name in self.model_names
+        }
         valid = paste(u["valid"], mix["valid"], u["box1"])
 
         # Pseudo labels of each teacher on the weak views, pasted like the strong view.

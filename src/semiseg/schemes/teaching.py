@@ -47,24 +47,34 @@ class Teaching:
         self.policy.update(softmax(out.logits), mask, out.features.detach())
 
     def label(
-        self, weak: SegmentationOutput, unlabeled: dict, mix_out: SegmentationOutput, mix: dict
-    ) -> tuple[PseudoLabels, PseudoLabels]:
-        """Pseudo labels of the weak views of the unlabeled batch and of its CutMix source,
-        from the teacher's outputs on each: one policy call on both at once, so a policy's
-        statistics (DAW's alignment) see both, as in the released code."""
-        probs = torch.cat([softmax(weak.logits), softmax(mix_out.logits)])
+        self,
+        weak: SegmentationOutput,
+        unlabeled: dict,
+        mix_out: SegmentationOutput | None = None,
+        mix: dict | None = None,
+    ) -> tuple[PseudoLabels, PseudoLabels | None]:
+        """Pseudo labels of the weak views of the unlabeled batch and of its CutMix source
+        (None without one), from the teacher's outputs on each: one policy call on both at
+        once, so a policy's statistics (DAW's alignment) see both, as in the released code."""
+        outs, batches = [weak], [unlabeled]
+        if mix_out is not None and mix is not None:
+            outs.append(mix_out)
+            batches.append(mix)
+        probs = torch.cat([softmax(out.logits) for out in outs])
         detections = None
-        if "detections" in unlabeled and "detections" in mix:
-            detections = torch.cat([unlabeled["detections"], mix["detections"]])
-        both = self.policy(
+        if all("detections" in batch for batch in batches):
+            detections = torch.cat([batch["detections"] for batch in batches])
+        labels = self.policy(
             probs,
-            torch.cat([unlabeled["valid"], mix["valid"]]),
-            features=torch.cat([weak.features.detach(), mix_out.features.detach()]),
+            torch.cat([batch["valid"] for batch in batches]),
+            features=torch.cat([out.features.detach() for out in outs]),
             detections=detections,
         )
-        both = self.loss.teach(probs, both)
+        labels = self.loss.teach(probs, labels)
         n = weak.logits.shape[0]
-        return both.rows(slice(None, n)), both.rows(slice(n, None))
+        if len(outs) == 1:
+            return labels, None
+        return labels.rows(slice(None, n)), labels.rows(slice(n, None))
 
     def cutmix_loss(
         self,
