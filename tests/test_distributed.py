@@ -24,6 +24,17 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _torchrun(target: list[str], timeout: int = 300, **env: str) -> None:
+    """Two gloo processes running `target` (`-m semiseg.cli ...` or a script); fails with
+    the error lines of their output."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    cmd += ["--master_port", str(_free_port()), *target]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    errors = [line for line in done.stderr.splitlines() if "error:" in line or "Error" in line]
+    assert done.returncode == 0, "\n".join(errors[:10]) or done.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_two_process_gloo_run_trains_and_checkpoints(synthetic_root, tmp_path):
     out = tmp_path / "ddp"
@@ -37,23 +48,7 @@ def test_two_process_gloo_run_trains_and_checkpoints(synthetic_root, tmp_path):
             )
         )
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(_free_port()),
-        "-m",
-        "semiseg.cli",
-        "train",
-        str(config),
-        "--no-progress",
-    ]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    _torchrun(["-m", "semiseg.cli", "train", str(config), "--no-progress"])
     ckpt = load_checkpoint(out / "latest.pt")
     assert ckpt["iteration"] == 8
     # One RNG state per process, so a resumed two-process run continues both streams.
@@ -64,24 +59,6 @@ def test_two_process_gloo_run_trains_and_checkpoints(synthetic_root, tmp_path):
     train_iters = [r["iteration"] for r in records if r["split"] == "train"]
     assert train_iters == [2, 4, 6, 8]
     assert [r["iteration"] for r in records if r["split"] == "val"] == [4, 8]
-
-
-def _torchrun(args: list[str]) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(_free_port()),
-    ]
-    done = subprocess.run(
-        [*cmd, "-m", "semiseg.cli", *args], env=env, capture_output=True, text=True, timeout=300
-    )
-    errors = [line for line in done.stderr.splitlines() if "error:" in line or "Error" in line]
-    assert done.returncode == 0, "\n".join(errors[:10])
 
 
 @pytest.mark.slow
@@ -99,13 +76,24 @@ def test_two_process_self_training_and_pseudo_labels_match_one_process(synthetic
     config.write_text(yaml.safe_dump(raw))
     # Round 0, pseudo labels (both processes label half the images) and round 1, with the
     # process group joined again after each part.
-    _torchrun(["train", str(config), "--no-progress"])
+    _torchrun(["-m", "semiseg.cli", "train", str(config), "--no-progress"])
     assert load_checkpoint(out / "round1" / "latest.pt")["iteration"] == 2
     labels = sorted((out / "round1" / "pseudo" / "labels").glob("*.png"))
     assert len(labels) == 16
 
     teacher = str(out / "round0" / "latest.pt")
-    _torchrun(["pseudo-label", teacher, str(tmp_path / "two"), "--alpha", "0.3", "--no-progress"])
+    _torchrun(
+        [
+            "-m",
+            "semiseg.cli",
+            "pseudo-label",
+            teacher,
+            str(tmp_path / "two"),
+            "--alpha",
+            "0.3",
+            "--no-progress",
+        ]
+    )
     assert (
         main(["pseudo-label", teacher, str(tmp_path / "one"), "--alpha", "0.3", "--no-progress"])
         == 0
@@ -208,21 +196,8 @@ def test_one_combination_per_scheme_trains_under_two_process_ddp(synthetic_root,
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(raw))
         paths.append(str(path))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RESULTS_DIR": str(tmp_path)}
     runner = Path(__file__).with_name("ddp_runner.py")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(_free_port()),
-        str(runner),
-        *paths,
-    ]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-4000:]
+    _torchrun([str(runner), *paths], timeout=900, RESULTS_DIR=str(tmp_path))
     for name in DDP_COMBINATIONS:
         results = [json.loads((tmp_path / f"{name}.rank{r}.json").read_text()) for r in (0, 1)]
         assert all(r["iteration"] == 3 for r in results), name

@@ -221,6 +221,33 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_components(args: argparse.Namespace) -> int:
+    from semiseg import components
+    from semiseg.files import atomic_write_text
+
+    if args.readme:
+        path = Path(args.readme)
+        atomic_write_text(path, components.with_readme_block(path.read_text()))
+        print(f"updated the component tables in {path}")
+    elif args.markdown:
+        print(components.markdown(), end="")
+    else:
+        titles = {"scheme": "schemes", "policy": "policies", "loss": "unlabeled losses"}
+        for kind, registry in components.registries().items():
+            print(f"{titles.get(kind, kind)} (`{kind}.name`, default {registry.default!r}):")
+            for component in registry:
+                print(f"  {component.name:<14} {component.summary}")
+                print(f"  {'':<14} options: {components.options_text(component.Options)}")
+        every = components.combinations()
+        refused = [c for c in every if c.refused is not None]
+        print(
+            f"\n{len(every) - len(refused)} of {len(every)} scheme x policy x loss combinations train; refused:"
+        )
+        for reason in sorted({c.refused for c in refused}):
+            print(f"  {reason}")
+    return 0
+
+
 def _cmd_quickstart(args: argparse.Namespace) -> int:
     from semiseg.quickstart import run_quickstart
 
@@ -371,6 +398,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="other runs whose pseudo-label accuracy to draw beside this one",
     )
     p.set_defaults(func=_cmd_plot)
+
+    p = sub.add_parser(
+        "components",
+        help="list the registered schemes, policies and losses, their options and which combine",
+    )
+    p.add_argument("--markdown", action="store_true", help="print the README's tables")
+    p.add_argument("--readme", metavar="FILE", help="rewrite the generated block of this README")
+    p.set_defaults(func=_cmd_components)
 
     p = sub.add_parser(
         "quickstart", help="make a synthetic dataset, train on it, print the mIoU table"

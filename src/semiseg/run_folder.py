@@ -14,7 +14,7 @@ A training run (`output_dir`)::
     round<k>/        self-training: one run folder per round, round<k>/pseudo/ its pseudo labels
 
 A pseudo-label set (`semiseg pseudo-label OUT`): cache/, labels/, list.txt, stats.json.
-A detector folder (`detector.dir`): latest.pt and detections/NNNNNN.json.
+A detector folder (`policy.detector.dir`): latest.pt and detections/NNNNNN.json.
 """
 
 from __future__ import annotations

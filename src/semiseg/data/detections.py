@@ -20,7 +20,7 @@ from semiseg.run_folder import DetectorFolder
 
 
 class DetectionCache:
-    """The cached detections of one unlabeled list in a detector folder (`detector.dir`),
+    """The cached detections of one unlabeled list in a detector folder (`policy.detector.dir`),
     with the detector's classes in bit order."""
 
     def __init__(self, detector_dir: str | Path, classes: list[int]):

@@ -87,7 +87,7 @@ def build_detector(cfg: Config) -> nn.Module:
     det = detector_options(cfg)
     if not det.classes:
         raise ConfigError(
-            "detector.classes is empty: list the segmentation classes to detect (thing classes)"
+            "policy.detector.classes is empty: list the segmentation classes to detect (thing classes)"
         )
     return BACKBONES[det.backbone](
         weights=None,
@@ -148,7 +148,7 @@ def train_detector(
         saved = (config_legacy.upgrade(ckpt["config"]).get("policy") or {}).get("detector")
         if saved != config_to_dict(cfg)["policy"]["detector"]:
             raise ConfigError(
-                f"{latest} was trained with another detector config; use another detector.dir"
+                f"{latest} was trained with another detector config; use another policy.detector.dir"
             )
         model.load_state_dict(ckpt["models"]["detector"])
         optimizer.load_state_dict(ckpt["optimizer"])

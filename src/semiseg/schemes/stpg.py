@@ -12,7 +12,7 @@ eval mode; the pseudo labels of the two source batches are pasted with the same 
 Choices the paper leaves open (see METHODS): the confusion matrix is built per mini-batch
 from Pro-Student's strong-view prediction and Gen-Teacher's weak-view pseudo label on valid
 pixels; prototypes are EMAs of the Gen-Teacher projections of labeled pixels (by ground
-truth) from the first step, and anchors are matched to them from `stpg.match_after` steps
+truth) from the first step, and anchors are matched to them from `scheme.match_after` steps
 on (re-matched every step); the contrastive losses (Eq. 15-16) apply to a random subset of
 labeled pixels of both students; the memory bank takes, per class and step, the
 `stpg.bank_topk` Gen-Teacher projections of labeled pixels with confidence >= phi that lie
