@@ -384,7 +384,9 @@ def _compare(expected, actual, where: str, exact: bool) -> list[str]:
     if isinstance(expected, float) or isinstance(actual, float):
         if exact and expected != actual:
             return [f"{where}: {expected!r} recorded, {actual!r} now"]
-        if not exact and actual != pytest.approx(expected, rel=1e-4, abs=1e-6):
+        # Across machines, last-bit differences grow over five SGD steps and can flip a
+        # pixel across a threshold (one pixel of a batch is ~5e-4 of a mask ratio).
+        if not exact and actual != pytest.approx(expected, rel=2e-3, abs=1e-5):
             return [
                 f"{where}: {expected!r} recorded, {actual!r} now (beyond the cross-machine tolerance)"
             ]
