@@ -26,6 +26,13 @@ def test_overrides_win_over_file_and_are_typed(tmp_path: Path):
     assert cfg.model.pretrained is None
 
 
+def test_off_is_the_word_in_a_choice_not_a_boolean():
+    assert config_from_dict(BASE, ["train.amp=off"]).train.amp == "off"
+    assert config_from_dict({**BASE, "train": {"amp": False}}).train.amp == "off"
+    with pytest.raises(ConfigError, match="train.channels_last: expected true or false"):
+        config_from_dict(BASE, ["train.channels_last=fast"])
+
+
 def test_int_is_accepted_for_float_but_not_the_reverse():
     assert config_from_dict({**BASE, "optim": {"lr": 1}}).optim.lr == 1.0
     with pytest.raises(ConfigError, match="train.iterations: expected an integer"):

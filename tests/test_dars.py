@@ -147,6 +147,7 @@ def run_generator(samples, out, spec, seed=0, labeled=None):
         labeled_counts=labeled,
         seed=seed,
         progress=False,
+        keep_cache=True,
     )
 
 

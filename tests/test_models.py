@@ -230,10 +230,12 @@ def test_ema_update_math() -> None:
     assert ema.module.weight.item() == pytest.approx(0.9 * 6.0)
     assert ema.module.stat.item() == 7.0
 
-    class Wrapper(nn.Module):  # stands in for DistributedDataParallel's `.module`
+    class Wrapper(
+        nn.Module
+    ):  # stands in for torch.compile's wrapper (DDP: tests/test_distributed.py)
         def __init__(self, module: nn.Module):
             super().__init__()
-            self.module = module
+            self._orig_mod = module
 
     set_model(10.0, 0.0)
     ema.update(Wrapper(model), step=100)
@@ -267,3 +269,68 @@ def test_sync_batchnorm_conversion(name: str, backbone: str) -> None:
     assert n_bn > 0
     assert not any(isinstance(m, nn.BatchNorm2d) for m in converted.modules())
     assert sum(isinstance(m, nn.SyncBatchNorm) for m in converted.modules()) == n_bn
+
+
+@pytest.mark.parametrize("channels", [256, 64])
+def test_light_decoder_is_depthwise_separable_and_far_cheaper(channels: int) -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def flops(model: nn.Module) -> int:
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            model.eval()(torch.randn(1, 3, 160, 160))
+        return counter.get_total_flops()
+
+    standard = build_model("deeplabv3plus", "efficientnet_lite0", NUM_CLASSES)
+    light = build_model(
+        "deeplabv3plus",
+        "efficientnet_lite0",
+        NUM_CLASSES,
+        decoder="light",
+        decoder_channels=channels,
+    )
+    out = light.train()(torch.randn(2, 3, 64, 64))
+    assert out.logits.shape == (2, NUM_CLASSES, 64, 64) and out.features.shape == (
+        2,
+        channels,
+        16,
+        16,
+    )
+    assert light.feature_dim == channels
+    depthwise = [m for m in light.head.modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
+    # Three atrous ASPP branches and the decoder's two 3x3 convolutions.
+    assert len(depthwise) == 5 and all(
+        m.groups == m.in_channels == m.out_channels for m in depthwise
+    )
+    assert not any(isinstance(m, nn.Conv2d) and m.groups > 1 for m in standard.head.modules())
+    # The decoder's stride-4 convolutions are most of the standard model's FLOPs.
+    assert flops(light) < 0.35 * flops(standard)
+    with pytest.raises(ValueError, match="DeepLabV3\\+ decoder only"):
+        build_model("pspnet", "tiny", NUM_CLASSES, decoder="light")
+
+
+def test_channels_last_gives_the_contiguous_outputs() -> None:
+    contiguous = build_model(
+        "deeplabv3plus", "efficientnet_lite0", NUM_CLASSES, projection_dim=16
+    ).eval()
+    layout = build_model(
+        "deeplabv3plus", "efficientnet_lite0", NUM_CLASSES, projection_dim=16
+    ).eval()
+    layout.load_state_dict(contiguous.state_dict())
+    layout.to_channels_last()
+    assert layout.backbone._conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        a, b = contiguous(x), layout(x)
+    for name in ("logits", "features", "projection"):
+        assert torch.allclose(getattr(a, name), getattr(b, name), atol=1e-4, rtol=1e-4), name
+    # Weights saved from a channels-last model load into a contiguous one.
+    contiguous.load_state_dict(layout.state_dict())
+
+
+def test_a_projection_without_gradient_keeps_the_projector_out_of_the_graph() -> None:
+    model = build_model("deeplabv3plus", "tiny", NUM_CLASSES, projection_dim=8).train()
+    out = model(torch.randn(2, 3, 32, 32), train_projection=False)
+    assert out.projection is not None and not out.projection.requires_grad
+    out.logits.sum().backward()
+    assert all(p.grad is None for p in model.projector.parameters())

@@ -133,6 +133,10 @@ def _synthetic_overrides(root: Path, out: Path) -> list[str]:
         "model.pretrained=null",
         "train.threads=1",
         "train.device=cpu",
+        # The values were recorded in float32 with contiguous tensors: the path whose
+        # numbers the redesign had to keep.
+        "train.amp=off",
+        "train.channels_last=false",
         "eval.tail_classes=[1,4]",
         f"output_dir={out}",
     ]

@@ -15,6 +15,10 @@ from semiseg.files import atomic_write
 CHECKPOINT_VERSION = 1
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, unreadable or not semiseg's; the message names it."""
+
+
 def save_atomic(obj: Any, path: Path) -> None:
     """torch.save through a temporary file, so a run killed mid-write keeps its previous checkpoint."""
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
@@ -24,13 +28,15 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     """Load a semiseg checkpoint with a clear error for missing or foreign files."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as err:
-        raise RuntimeError(f"{path}: not a readable checkpoint ({err})") from err
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint ({type(err).__name__}: {err})"
+        ) from err
     if not isinstance(ckpt, dict) or "models" not in ckpt or "config" not in ckpt:
-        raise RuntimeError(f"{path}: not a semiseg checkpoint (no 'models'/'config' entries)")
+        raise CheckpointError(f"{path}: not a semiseg checkpoint (no 'models'/'config' entries)")
     return ckpt
 
 

@@ -12,6 +12,7 @@ from semiseg.config import ConfigError
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from semiseg.config import load_config
+    from semiseg.evaluation import format_score_dict
     from semiseg.training import train
 
     cfg = load_config(args.config, args.overrides)
@@ -19,6 +20,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if os.environ.get("RANK", "0") != "0":
         return 0
     if result.get("final") is not None:
+        print(f"\nfinal evaluation (iteration {result['iteration']}):")
+        print(format_score_dict(result["final"]))
         print(
             f"best val mIoU {100 * result['best_miou']:.2f} at iteration {result['best_iteration']}"
         )
@@ -53,6 +56,7 @@ def _cmd_pseudo_label(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
         progress=not args.no_progress,
+        keep_cache=args.keep_cache,
     )
     if stats:
         print(format_stats(stats, names))
@@ -89,12 +93,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_split(args: argparse.Namespace) -> int:
-    from semiseg.data.formats import get_format
+    from semiseg.data.formats import get_format, require_masks
     from semiseg.data.splits import make_split, parse_fraction, read_split, write_split
 
     root = Path(args.root)
     if args.list:
-        samples = read_split(Path(args.list), root, require_mask=True)
+        samples = read_split(Path(args.list), root, require_mask=False)
     else:
         samples = get_format(args.format, args.num_classes).list_samples(root, args.subset)
     fraction = parse_fraction(args.fraction) if args.fraction else None
@@ -102,9 +106,12 @@ def _cmd_split(args: argparse.Namespace) -> int:
     out = Path(args.out)
     write_split(out / "labeled.txt", labeled, root)
     write_split(out / "unlabeled.txt", unlabeled, root)
-    print(f"{len(labeled)} labeled, {len(unlabeled)} unlabeled of {len(samples)} -> {out}")
+    image_only = sum(s.mask is None for s in samples)
+    note = f" ({image_only} images without a mask, all unlabeled)" if image_only else ""
+    print(f"{len(labeled)} labeled, {len(unlabeled)} unlabeled of {len(samples)}{note} -> {out}")
     if not args.list and args.val_subset:
         val = get_format(args.format, args.num_classes).list_samples(root, args.val_subset)
+        val = require_masks(val, f"{root}: subset '{args.val_subset}'")
         write_split(out / "val.txt", val, root)
         print(f"{len(val)} val samples ('{args.val_subset}') -> {out / 'val.txt'}")
     return 0
@@ -221,6 +228,18 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from semiseg.export import export_checkpoint
+
+    described = export_checkpoint(
+        args.checkpoint, args.out, args.format, tuple(args.size) if args.size else None
+    )
+    print(
+        f"wrote {args.out} ({args.format}) and {described}; input: RGB float32 [N, 3, H, W] in [0, 1], see the JSON"
+    )
+    return 0
+
+
 def _cmd_components(args: argparse.Namespace) -> int:
     from semiseg import components
     from semiseg.files import atomic_write_text
@@ -257,6 +276,9 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="semiseg", description=__doc__)
+    parser.add_argument(
+        "--debug", action="store_true", help="show the Python traceback of an error"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train from a YAML config (resumes from OUTPUT_DIR/latest.pt)")
@@ -277,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "eval", help="evaluate a checkpoint on its validation set; prints per-class IoU"
     )
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="a semiseg checkpoint (RUN/best.pt or RUN/latest.pt)")
     p.add_argument(
         "--data-root", help="dataset folder (default: the one in the checkpoint's config)"
     )
@@ -289,16 +311,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--size", type=int, help="resize shorter side or sliding window size")
     p.add_argument("--tail", type=int, nargs="*", help="class indices reported as tail mIoU")
-    p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N"
+    )
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("predict", help="write colour-palette mask PNGs for a folder of images")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="a semiseg checkpoint (RUN/best.pt or RUN/latest.pt)")
     p.add_argument("input", help="folder of images (png/jpg/jpeg/bmp)")
     p.add_argument("output", help="folder for the predicted masks")
-    p.add_argument("--mode", choices=["none", "resize", "sliding"])
-    p.add_argument("--size", type=int)
-    p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--mode",
+        choices=["none", "resize", "sliding"],
+        help="full image, resized (shorter side --size) or sliding windows (default: the checkpoint's data.eval_mode)",
+    )
+    p.add_argument(
+        "--size",
+        type=int,
+        help="resize shorter side or sliding window size (default: the checkpoint's)",
+    )
+    p.add_argument(
+        "--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N"
+    )
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("split", help="write labeled/unlabeled (and val) split lists, seeded")
@@ -313,8 +347,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--num-classes", type=int, help="for the folder format without classes.txt")
     group = p.add_mutually_exclusive_group(required=True)
-    group.add_argument("--fraction", help="labeled fraction: 1/8, 0.125 or 1_8")
-    group.add_argument("--count", type=int, help="number of labeled samples")
+    group.add_argument(
+        "--fraction", help="labeled fraction of the images that have a mask: 1/8, 0.125 or 1_8"
+    )
+    group.add_argument(
+        "--count", type=int, help="number of labeled samples (among the images that have a mask)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="folder for labeled.txt / unlabeled.txt / val.txt")
     p.set_defaults(func=_cmd_split)
@@ -348,7 +386,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--labeled",
         help="split list whose class distribution DA/DARS match (default: the checkpoint's)",
     )
-    p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N"
+    )
+    p.add_argument(
+        "--keep-cache",
+        action="store_true",
+        help="keep OUT/cache (the teacher's class and confidence per image)",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_pseudo_label)
 
@@ -400,6 +445,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_plot)
 
     p = sub.add_parser(
+        "export", help="the evaluated network of a checkpoint as ONNX, torch.export or TorchScript"
+    )
+    p.add_argument("checkpoint", help="a semiseg checkpoint (RUN/best.pt or RUN/latest.pt)")
+    p.add_argument(
+        "out", help="the model file to write (OUT.json beside it describes input and classes)"
+    )
+    p.add_argument("--format", default="onnx", choices=["onnx", "torch-export", "torchscript"])
+    p.add_argument(
+        "--size",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        help="input height and width (default: the checkpoint's evaluation size, square)",
+    )
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser(
         "components",
         help="list the registered schemes, policies and losses, their options and which combine",
     )
@@ -419,15 +481,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, with `key=value` overrides allowed anywhere after the command
+    (`semiseg train cfg.yaml --restart optim.lr=0.02`)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    overrides = [item for item in extra if "=" in item and not item.startswith("-")]
+    unknown = [item for item in extra if item not in overrides]
+    if unknown or (overrides and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
+    if overrides:
+        args.overrides = [*args.overrides, *overrides]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
+    from semiseg.checkpoint import CheckpointError
     from semiseg.data.formats import DataError
+    from semiseg.engine import TrainingInterrupted
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, FileNotFoundError) as err:
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as err:
+        if args.debug:
+            raise
         print(f"semiseg {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as stop:
+        print(f"semiseg {args.command}: {stop}", file=sys.stderr)
+        return stop.exit_code
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(
+            f"semiseg {args.command}: interrupted; what was written is kept: run the same command to go on",
+            file=sys.stderr,
+        )
+        return 130
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import dataclasses
 import os
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -74,7 +75,8 @@ class DataConfig:
     eval_batch_size: int = 1
     """Validation images per forward pass; above 1 only when all validation images share one size."""
     check: Literal["deep", "shallow"] = "deep"
-    """Up-front validation of labeled and val files: `deep` decodes every mask, `shallow` only opens headers."""
+    """Up-front validation of every listed file: `deep` decodes every image and mask (labeled,
+    unlabeled, val), `shallow` only reads their headers."""
 
 
 @dataclass
@@ -84,6 +86,13 @@ class ModelConfig:
     pretrained: str | None = "imagenet"
     """'imagenet', a torchvision weight name (needs internet), a local file path, or null."""
     output_stride: Literal[8, 16] = 16
+    decoder: Literal["standard", "light"] = "standard"
+    """DeepLabV3+ decoder: 'standard' (3x3 convolutions, as the papers) or 'light'
+    (depthwise-separable 3x3 convolutions in ASPP and the decoder, as the DeepLabV3+ paper's
+    Xception model; about a tenth of the decoder's FLOPs)."""
+    decoder_channels: int = 256
+    """Channels of ASPP and the DeepLabV3+ decoder (the papers: 256); the pixel features
+    policies and projection heads read have this many."""
     init_from: str | list[str] | None = None
     """A semiseg checkpoint whose evaluated model's weights start every network of the scheme
     (a warm start from a supervised run, or a self-training round from its teacher), or one
@@ -112,7 +121,15 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     """'auto' (cuda when available), 'cpu', 'cuda' or 'cuda:N'; under torchrun each process takes its LOCAL_RANK GPU."""
-    amp: Literal["off", "fp16", "bf16"] = "off"
+    amp: Literal["auto", "off", "fp16", "bf16"] = "auto"
+    """Mixed precision: 'auto' is bf16 on GPUs that have it (else fp16) and on CPUs with
+    native bf16 (AVX512-BF16, AMX), fp32 elsewhere (`semiseg.precision`); 'off' is fp32."""
+    channels_last: bool = True
+    """Convolutional networks and their inputs in channels-last memory layout (faster
+    convolutions on CPUs and on GPUs with tensor cores; same results up to rounding)."""
+    compile: bool = False
+    """torch.compile the trained networks: minutes of compilation on the first steps, then
+    faster steps (see benchmarks/step_speed.py for when it pays off)."""
     deterministic: bool = False
     threads: int | None = None
     """torch intra-op threads per process; None leaves torch's default."""
@@ -180,6 +197,16 @@ class Config:
             raise ConfigError(f"optim.lr must be positive, got {self.optim.lr}")
         if self.train.amp == "fp16" and not self.train.device.startswith(("cuda", "auto")):
             raise ConfigError("train.amp=fp16 needs a CUDA device; use bf16 on CPU")
+        if self.model.name != "deeplabv3plus" and (
+            self.model.decoder != "standard" or self.model.decoder_channels != 256
+        ):
+            raise ConfigError(
+                f"model.decoder and model.decoder_channels shape the DeepLabV3+ decoder; model.name is {self.model.name!r}"
+            )
+        if self.model.decoder_channels < 8:
+            raise ConfigError(
+                f"model.decoder_channels must be at least 8, got {self.model.decoder_channels}"
+            )
 
 
 def registries() -> dict:
@@ -217,6 +244,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 continue
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
+        # YAML 1.1 reads `off` and `on` as booleans: `train.amp=off` means the word.
+        if isinstance(value, bool) and ("on" if value else "off") in args:
+            value = "on" if value else "off"
         if value not in args:
             raise ConfigError(f"{key}: expected one of {list(args)}, got {value!r}")
         return value
@@ -438,7 +468,22 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     try:
         return config_from_dict(data, overrides)
     except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
+        raise ConfigError(f"{_culprit(data, overrides, err, path)}: {err}") from None
+
+
+def _culprit(data: dict, overrides: list[str] | None, err: ConfigError, path: Path) -> str:
+    """Who an error of `data` + `overrides` is due to: the file when it fails alone with the
+    same message, else the command-line overrides."""
+    if not overrides:
+        return str(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            config_from_dict(data)
+        except ConfigError as alone:
+            if str(alone) == str(err):
+                return str(path)
+    return f"the overrides {' '.join(overrides)}"
 
 
 def load_saved_config(path: str | os.PathLike) -> Config:

@@ -13,6 +13,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from semiseg.options import ConfigError
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -34,26 +36,30 @@ class DistContext:
         return self.world_size > 1
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """'auto' picks CUDA when present; under torchrun a CUDA process uses its LOCAL_RANK GPU."""
+def resolve_device(name: str, local_rank: int = 0, key: str = "train.device") -> torch.device:
+    """'auto' picks CUDA when present; under torchrun a CUDA process uses its LOCAL_RANK GPU.
+    `key` is how the caller's user set `name` (a config key or a command-line flag)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"train.device={name!r} but CUDA is not available on this machine")
+            raise ConfigError(
+                f"{key}={name!r}, but CUDA is not available on this machine (use cpu or auto)"
+            )
         if device.index is None:
             device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
     return device
 
 
-def init_distributed(device_name: str = "auto") -> DistContext:
-    """Join the process group launched by torchrun (NCCL on GPU, gloo on CPU), or run alone."""
+def init_distributed(device_name: str = "auto", key: str = "train.device") -> DistContext:
+    """Join the process group launched by torchrun (NCCL on GPU, gloo on CPU), or run alone;
+    `key` names where `device_name` came from, for the error when it cannot be used."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_name, local_rank)
+    device = resolve_device(device_name, local_rank, key)
     owner = world > 1 and not dist.is_initialized()
     if owner:
         backend = "nccl" if device.type == "cuda" else "gloo"

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import io
 import math
+import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,6 +32,7 @@ from tqdm import tqdm
 
 from semiseg.checkpoint import (
     CHECKPOINT_VERSION,
+    CheckpointError,
     capture_rng,
     load_checkpoint,
     restore_rng,
@@ -38,7 +42,7 @@ from semiseg.checkpoint import (
 from semiseg.config import Config, ConfigError, config_from_saved, config_to_dict, save_config
 from semiseg.data.dataset import SegmentationDataset, check_samples
 from semiseg.data.detections import DetectionCache
-from semiseg.data.formats import DataError, DatasetFormat, Sample, get_format
+from semiseg.data.formats import DataError, DatasetFormat, Sample, get_format, require_masks
 from semiseg.data.sampling import ResumableSampler, ShardSampler
 from semiseg.data.splits import read_split, resolve_list
 from semiseg.data.transforms import TrainTransform, UnlabeledTransform, denormalize, eval_transform
@@ -52,12 +56,13 @@ from semiseg.distributed import (
     init_distributed,
 )
 from semiseg.evaluation import SegmentationScores, evaluate
-from semiseg.files import atomic_write
+from semiseg.files import atomic_write, remove_stale_temporaries
 from semiseg.metrics_log import MetricsLogger
 from semiseg.models import build_model
+from semiseg.precision import autocast_dtype, describe
 from semiseg.pseudo import PolicyContext
 from semiseg.run_folder import RunFolder, final_record
-from semiseg.schemes import SCHEMES, Scheme, Teaching, Views, unwrap
+from semiseg.schemes import SCHEMES, Scheme, StepOutput, Teaching, Views, unwrap
 
 # Keys that change how a run is executed or reported but not what it computes, so a
 # resumed run may change them.
@@ -90,6 +95,7 @@ def load_data(
     views: Views | None,
     need_pseudo: bool = False,
     detections: DetectionCache | None = None,
+    progress: bool = True,
 ) -> DataBundle:
     """Read the split lists and check the files up front, so bad data fails before training
     starts: the unlabeled list when the scheme reads unlabeled `views`, the pseudo-labeled
@@ -124,14 +130,14 @@ def load_data(
                 f"scheme {cfg.scheme.name!r} needs data.pseudo_labeled (images with pseudo-label masks)"
             )
         pseudo = read_split(resolve_list(cfg.data.pseudo_labeled, root), root, require_mask=True)
-        check_samples(pseudo, fmt, deep=False, desc="check pseudo-labeled")
+        check_samples(pseudo, fmt, deep=False, desc="check pseudo-labeled", progress=progress)
     if cfg.data.val:
         val = read_split(resolve_list(cfg.data.val, root), root, require_mask=True)
     else:
-        val = fmt.list_samples(root, "val")
+        val = require_masks(fmt.list_samples(root, "val"), f"{root}: the format's val subset")
     deep = cfg.data.check == "deep"
-    check_samples(labeled, fmt, deep=deep, desc="check labeled")
-    check_samples(val, fmt, deep=deep, desc="check val")
+    check_samples(labeled, fmt, deep=deep, desc="check labeled", progress=progress)
+    check_samples(val, fmt, deep=deep, desc="check val", progress=progress)
     if unlabeled is not None and getattr(cfg.scheme, "oracle_eval", False):
         missing = [s.image for s in unlabeled if s.mask is None]
         if missing:
@@ -139,12 +145,12 @@ def load_data(
                 f"scheme.oracle_eval needs a mask on every line of {cfg.data.unlabeled}; "
                 f"{len(missing)} have none (first: {missing[0]})"
             )
-        check_samples(unlabeled, fmt, deep=False, desc="check unlabeled")
+        # Their masks are decoded too: a broken one would stop the oracle diagnostics mid-run.
+        check_samples(unlabeled, fmt, deep=deep, desc="check unlabeled", progress=progress)
     elif unlabeled is not None:
         # Unlabeled masks, where they exist, are never read for training: check images only.
-        check_samples(
-            [Sample(s.image, None) for s in unlabeled], fmt, deep=False, desc="check unlabeled"
-        )
+        images = [Sample(s.image, None) for s in unlabeled]
+        check_samples(images, fmt, deep=deep, desc="check unlabeled", progress=progress)
     if unlabeled is not None and detections is not None:
         detections.check(len(unlabeled))
     return DataBundle(fmt, num_classes, class_names, labeled, unlabeled, val, pseudo)
@@ -205,7 +211,7 @@ def warm_start_sources(init_from: str | list[str], model_names: tuple[str, ...])
     if isinstance(init_from, str):
         return dict.fromkeys(model_names, init_from)
     if len(init_from) != len(model_names):
-        raise ValueError(
+        raise ConfigError(
             f"model.init_from: {len(init_from)} checkpoints for a scheme with {len(model_names)} "
             f"network(s) {list(model_names)}; give one path, or one per network in that order"
         )
@@ -216,12 +222,15 @@ def load_warm_start(path: str, num_classes: int) -> dict[str, Tensor]:
     """The evaluated model's weights of the semiseg checkpoint at ``path`` (``model.init_from``).
 
     Raises:
-        FileNotFoundError / RuntimeError: no such file, or not a semiseg checkpoint.
-        ValueError: the checkpoint was trained for a different number of classes.
+        CheckpointError: no such file, or not a semiseg checkpoint.
+        ConfigError: the checkpoint was trained for a different number of classes.
     """
-    ckpt = load_checkpoint(path)
+    try:
+        ckpt = load_checkpoint(path)
+    except CheckpointError as err:
+        raise ConfigError(f"model.init_from: {err}") from None
     if ckpt.get("num_classes") != num_classes:
-        raise ValueError(
+        raise ConfigError(
             f"model.init_from: {path} has {ckpt.get('num_classes')} classes, this dataset has {num_classes}"
         )
     return ckpt["eval_model"]
@@ -231,13 +240,13 @@ def _load_weights(model: nn.Module, state: dict[str, Tensor], path: str) -> None
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # tensor shape mismatches
-        raise ValueError(f"model.init_from: {path} does not fit this model: {err}") from None
+        raise ConfigError(f"model.init_from: {path} does not fit this model: {err}") from None
     # A projection head (STPG's contrastive losses) is trained per run: one the checkpoint
     # lacks stays as initialised, one this model lacks is not needed.
     missing = [k for k in missing if not k.startswith("projector.")]
     unexpected = [k for k in unexpected if not k.startswith("projector.")]
     if missing or unexpected:
-        raise ValueError(
+        raise ConfigError(
             f"model.init_from: {path} does not fit this model (missing keys: {missing[:5]}, "
             f"unexpected keys: {unexpected[:5]}); check model.name and model.backbone"
         )
@@ -270,6 +279,77 @@ def _config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def optimizer_step(
+    scheme: Scheme,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    batches: tuple[dict, dict | None, dict | None],
+    iteration: int,
+    device: torch.device,
+    dtype: torch.dtype | None,
+) -> StepOutput:
+    """One training step of `scheme` on (labeled, unlabeled, mix) batches on `device`: its
+    loss under autocast to `dtype` (None: float32), backward through the gradient scaler,
+    the optimiser step and the scheme's teacher and EMA updates."""
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        out = scheme.training_step(*batches, iteration)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(out.loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    scheme.after_optimizer_step(iteration)
+    return out
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM stopped training at a step boundary, after writing the checkpoint
+    the same command resumes from."""
+
+    def __init__(self, signal_name: str, iteration: int, checkpoint: Path):
+        super().__init__(
+            f"stopped by {signal_name} at iteration {iteration}; {checkpoint} holds the run: "
+            "run the same command to resume it"
+        )
+        self.exit_code = 128 + getattr(signal, signal_name, signal.SIGTERM).value
+
+
+class StopSignals:
+    """SIGINT and SIGTERM ask the training loop to stop at the next step boundary (with a
+    checkpoint) instead of ending the process; a second SIGINT stops at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self) -> StopSignals:
+        self.received: int | None = None
+        self.previous: dict = {}
+        # Handlers can only be installed from the main thread (not, say, in a notebook worker).
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def name(self) -> str:
+        return (
+            signal.Signals(self.received).name
+            if self.received is not None
+            else "a signal of another process"
+        )
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def ignore_interrupts(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C to the main process, which stops at a step boundary."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 SNAPSHOT_IMAGES = 4
 """Unlabeled images whose per-evaluation snapshots a component keeps (FPL's K maps)."""
 
@@ -290,7 +370,11 @@ class Trainer:
         self.scheme_cls = SCHEMES.get(cfg.scheme.name)
         self.detections = detection_cache(cfg)
         self.data = load_data(
-            cfg, self.scheme_cls.views, self.scheme_cls.uses_pseudo_labels, self.detections
+            cfg,
+            self.scheme_cls.views,
+            self.scheme_cls.uses_pseudo_labels,
+            self.detections,
+            self.progress,
         )
         self.num_classes = self.data.num_classes
 
@@ -314,17 +398,17 @@ class Trainer:
                 pretrained=cfg.model.pretrained,
                 output_stride=cfg.model.output_stride,
                 projection_dim=self.scheme_cls.projection_dim(cfg.scheme),
+                decoder=cfg.model.decoder,
+                decoder_channels=cfg.model.decoder_channels,
             )
             if name in warm_starts:
                 # Before the scheme exists, so teachers and EMA copies start from it too.
                 _load_weights(model, loaded[warm_starts[name]], warm_starts[name])
             models[name] = self._prepare(model)
-        self.teaching = None
-        if self.scheme_cls.teaches:
-            self.teaching = Teaching.from_config(
-                cfg, self.num_classes, policy_context(cfg, self.ctx)
-            )
-        self.scheme: Scheme = self.scheme_cls(cfg, models, self.num_classes, self.teaching)
+        self.scheme: Scheme = build_scheme(
+            cfg, models, self.num_classes, policy_context(cfg, self.ctx)
+        )
+        self.teaching: Teaching | None = getattr(self.scheme, "teaching", None)
         self.optimizer = torch.optim.SGD(
             self.scheme.parameter_groups(cfg.optim.lr, cfg.optim.head_lr_mult),
             lr=cfg.optim.lr,
@@ -332,10 +416,10 @@ class Trainer:
             weight_decay=cfg.optim.weight_decay,
             nesterov=cfg.optim.nesterov,
         )
-        self.autocast_dtype = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}[
-            cfg.train.amp
-        ]
-        self.scaler = torch.amp.GradScaler(self.ctx.device.type, enabled=cfg.train.amp == "fp16")
+        self.autocast_dtype = autocast_dtype(cfg.train.amp, self.ctx.device)
+        self.scaler = torch.amp.GradScaler(
+            self.ctx.device.type, enabled=self.autocast_dtype == torch.float16
+        )
         self.iteration = 0
         self.lr = cfg.optim.lr
         self.best = {"miou": -1.0, "iteration": 0}
@@ -348,6 +432,8 @@ class Trainer:
 
     def _prepare(self, model: nn.Module) -> nn.Module:
         model = model.to(self.ctx.device)
+        if self.cfg.train.channels_last:
+            model.to_channels_last()
         if self.ctx.distributed:
             # PyTorch's SyncBatchNorm runs on GPUs only; CPU (gloo) runs keep per-process statistics.
             if self.ctx.device.type == "cuda":
@@ -366,6 +452,9 @@ class Trainer:
                 )
             unused = self.scheme_cls.may_leave_unused(self.cfg.scheme, model)
             model = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=unused)
+        if self.cfg.train.compile:
+            # Around DDP, so that its optimiser splits the graph at the gradient buckets.
+            model = torch.compile(model)
         return model
 
     # ----------------------------------------------------------------- data
@@ -397,6 +486,7 @@ class Trainer:
             pin_memory=self.ctx.device.type == "cuda",
             drop_last=True,
             persistent_workers=cfg.workers > 0,
+            worker_init_fn=ignore_interrupts if cfg.workers > 0 else None,
             # Its own generator: creating a loader must not draw from the global RNG, whose
             # saved state a resumed run restores (dropout and feature perturbation use it).
             generator=torch.Generator().manual_seed(seed),
@@ -479,6 +569,8 @@ class Trainer:
             "config": config_to_dict(self.cfg),
             "num_classes": self.num_classes,
             "class_names": self.data.class_names,
+            # Relative data paths of the config are relative to it (semiseg.inference.rebased).
+            "workdir": os.getcwd(),
             "models": {name: unwrap(m).state_dict() for name, m in self.scheme.models.items()},
             "eval_model": self.scheme.eval_model().state_dict(),
             "best": dict(self.best),
@@ -506,7 +598,7 @@ class Trainer:
             if k not in RESUMABLE_CHANGES
         ]
         if changed:
-            raise RuntimeError(
+            raise ConfigError(
                 f"{path} was written by a run with a different config (differs in: {', '.join(changed)}); "
                 "use another output_dir, or pass --restart to train from scratch and overwrite it"
             )
@@ -537,16 +629,15 @@ class Trainer:
         of `iteration`, the scheme's loss under autocast, backward, SGD, teacher/EMA updates.
         Returns the scheme's `StepOutput`."""
         self.lr = self._set_lr(iteration)
-        with torch.autocast(
-            self.ctx.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
-        ):
-            out = self.scheme.training_step(labeled, unlabeled, mix, iteration)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(out.loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheme.after_optimizer_step(iteration)
-        return out
+        return optimizer_step(
+            self.scheme,
+            self.optimizer,
+            self.scaler,
+            (labeled, unlabeled, mix),
+            iteration,
+            self.ctx.device,
+            self.autocast_dtype,
+        )
 
     def evaluate(self) -> SegmentationScores:
         data = self.cfg.data
@@ -559,7 +650,6 @@ class Trainer:
             window=data.eval_size or data.crop_size,
             tail_classes=self.cfg.eval.tail_classes,
             progress=self.progress,
-            autocast_dtype=self.autocast_dtype,
         )
 
     def _after_eval(self, scores: SegmentationScores, logger: MetricsLogger | None) -> None:
@@ -622,13 +712,16 @@ class Trainer:
         logger = None
         if self.ctx.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            # What writes a kill interrupted left behind (a half-written latest.pt, ...).
+            remove_stale_temporaries(self.run_dir)
             save_config(cfg, self.folder.config)
             logger = MetricsLogger(self.run_dir, resume_iteration=self.iteration)
             params = sum(p.numel() for m in self.scheme.models.values() for p in m.parameters())
             unlabeled = len(self.data.unlabeled) if self.data.unlabeled is not None else 0
             tqdm.write(
                 f"{cfg.scheme.name}: {cfg.model.name}/{cfg.model.backbone} ({params / 1e6:.1f}M parameters) "
-                f"on {self.ctx.device} x{self.ctx.world_size}; {len(self.data.labeled)} labeled, "
+                f"on {self.ctx.device} x{self.ctx.world_size}, {describe(self.autocast_dtype)}"
+                f"{', channels-last' if cfg.train.channels_last else ''}; {len(self.data.labeled)} labeled, "
                 f"{unlabeled} unlabeled, {len(self.data.val)} val samples; run folder {self.run_dir}"
             )
         try:
@@ -662,11 +755,10 @@ class Trainer:
 
     def _loop(self, logger: MetricsLogger | None, total: int) -> dict:
         cfg = self.cfg
-        labeled_iter, unlabeled_iter, mix_iter = self._streams()
+        streams = self._streams()
         if self.iteration == 0 and self.teaching is not None and cfg.policy.warmup:
             self._warm_up_policy(self._weak_transform())
         checkpoint_every = cfg.train.checkpoint_every or cfg.train.eval_every
-        device = self.ctx.device
         self.scheme.train()
         bar = tqdm(
             total=total,
@@ -676,38 +768,76 @@ class Trainer:
             dynamic_ncols=True,
         )
         window_start, window = time.perf_counter(), WindowMeans()
-        while self.iteration < total:
-            labeled = Scheme.to_device(next(labeled_iter), device)
-            unlabeled = Scheme.to_device(next(unlabeled_iter), device) if unlabeled_iter else None
-            mix = Scheme.to_device(next(mix_iter), device) if mix_iter else None
-            out = self.step_on(labeled, unlabeled, mix, self.iteration)
-            self.iteration += 1
-            bar.update(1)
-            window.add({"loss": out.loss.detach(), **out.logs})
-            if self.iteration % cfg.train.log_every == 0 or self.iteration == total:
-                means = window.means()
-                if not math.isfinite(means["loss"]):
-                    raise FloatingPointError(
-                        f"training loss is {means['loss']} at iteration {self.iteration}; "
-                        "lower optim.lr or check the data (the last checkpoint is intact)"
-                    )
-                means["lr"] = self.lr
-                means["sec_per_iter"] = (time.perf_counter() - window_start) / window.steps
-                if logger is not None:
-                    logger.log(self.iteration, "train", means)
-                bar.set_postfix(loss=f"{means['loss']:.3f}", lr=f"{self.lr:.2e}")
-                window_start, window = time.perf_counter(), WindowMeans()
-            evaluated = False
-            if self.iteration % cfg.train.eval_every == 0 or self.iteration == total:
-                self._after_eval(self.evaluate(), logger)
-                evaluated = True
-            if self.iteration % checkpoint_every == 0 or self.iteration == total:
-                self._save_latest()
-            if evaluated:
-                # Evaluation time is not training time.
-                window_start = time.perf_counter()
+        with StopSignals() as stop:
+            while self.iteration < total:
+                waited = time.perf_counter()
+                labeled, unlabeled, mix = self._next_batches(stop, streams)
+                waited = time.perf_counter() - waited
+                out = self.step_on(labeled, unlabeled, mix, self.iteration)
+                self.iteration += 1
+                bar.update(1)
+                window.add({"loss": out.loss.detach(), "data_sec_per_iter": waited, **out.logs})
+                if self.iteration % cfg.train.log_every == 0 or self.iteration == total:
+                    self._log_window(window, window_start, logger, bar)
+                    window_start, window = time.perf_counter(), WindowMeans()
+                evaluated = self.iteration % cfg.train.eval_every == 0 or self.iteration == total
+                if evaluated:
+                    self._after_eval(self.evaluate(), logger)
+                saved = self.iteration % checkpoint_every == 0 or self.iteration == total
+                if saved:
+                    self._save_latest()
+                if evaluated:
+                    # Evaluation time is not training time.
+                    window_start = time.perf_counter()
+                if self.iteration < total and self._stop_requested(stop):
+                    if not saved:
+                        self._save_latest()
+                    bar.close()
+                    raise TrainingInterrupted(stop.name(), self.iteration, self.folder.latest)
         bar.close()
         return self._finish()
+
+    def _next_batches(
+        self, stop: StopSignals, streams: tuple
+    ) -> tuple[dict, dict | None, dict | None]:
+        """The next labeled, unlabeled and mix batches (None for a stream the scheme lacks)."""
+        device = self.ctx.device
+        try:
+            labeled, unlabeled, mix = (
+                Scheme.to_device(next(s), device) if s is not None else None for s in streams
+            )
+        except Exception:
+            # A stop signal sent to the whole process group also ends the loader workers.
+            if stop.received is None:
+                raise
+            self._save_latest()
+            raise TrainingInterrupted(stop.name(), self.iteration, self.folder.latest) from None
+        return labeled, unlabeled, mix
+
+    def _log_window(
+        self, window: WindowMeans, start: float, logger: MetricsLogger | None, bar: tqdm
+    ) -> None:
+        means = window.means()
+        if not math.isfinite(means["loss"]):
+            raise FloatingPointError(
+                f"training loss is {means['loss']} at iteration {self.iteration}; "
+                "lower optim.lr or check the data (the last checkpoint is intact)"
+            )
+        means["lr"] = self.lr
+        means["sec_per_iter"] = (time.perf_counter() - start) / window.steps
+        # The share of a step spent waiting for the data loaders (0: never the bottleneck).
+        means["data_wait_share"] = means["data_sec_per_iter"] / max(means["sec_per_iter"], 1e-12)
+        if logger is not None:
+            logger.log(self.iteration, "train", means)
+        bar.set_postfix(loss=f"{means['loss']:.3f}", lr=f"{self.lr:.2e}")
+
+    def _stop_requested(self, stop: StopSignals) -> bool:
+        """Whether a process got SIGINT or SIGTERM; under DDP every process learns it at the
+        same step boundary, so all of them write the checkpoint together."""
+        asked = stop.received is not None
+        if not self.ctx.distributed:
+            return asked
+        return bool(all_reduce_sum(torch.tensor([float(asked)], device=self.ctx.device)).item() > 0)
 
     def _finish(self) -> dict:
         """Write final.json. A run that was already finished (its command run again) trained and

@@ -105,6 +105,22 @@ def format_scores(scores: SegmentationScores, class_names: Sequence[str] | None 
     return "\n".join(lines)
 
 
+def format_score_dict(scores: dict) -> str:
+    """`format_scores` of the scores a run saved (`SegmentationScores.as_dict`, final.json)."""
+    ious = {
+        key.removeprefix("iou/"): value for key, value in scores.items() if key.startswith("iou/")
+    }
+    width = max(12, max((len(n) for n in ious), default=0) + 2)
+    lines = [f"{'class':<{width}}{'IoU (%)':>9}", "-" * (width + 9)]
+    lines += [f"{name:<{width}}{100 * value:>9.2f}" for name, value in ious.items()]
+    lines.append("-" * (width + 9))
+    lines.append(f"{'mIoU':<{width}}{100 * scores['miou']:>9.2f}")
+    if scores.get("tail_miou") is not None:
+        lines.append(f"{'tail mIoU':<{width}}{100 * scores['tail_miou']:>9.2f}")
+    lines.append(f"{'pixel acc':<{width}}{100 * scores['pixel_accuracy']:>9.2f}")
+    return "\n".join(lines)
+
+
 def window_starts(length: int, window: int, stride: int) -> list[int]:
     """Window offsets covering [0, length): a regular grid plus one window flush with the end."""
     if length <= window:

@@ -24,6 +24,18 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
         raise
 
 
+def remove_stale_temporaries(folder: Path) -> int:
+    """Delete the temporary files that writes a kill interrupted left in `folder` and below
+    (`.NAME.*.tmp`, see `atomic_write`); returns how many. Call it only when no write of
+    this folder is in flight."""
+    removed = 0
+    for path in Path(folder).rglob(".*.tmp"):
+        if path.is_file():
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -1,13 +1,16 @@
-"""Figures from a run's metrics log: DAW-style confidence fits with t*, and pseudo-label curves.
+"""Figures from a run's metrics log: training curves, pseudo-label curves, each method's panels.
 
 `semiseg plot RUN` reads RUN/metrics.jsonl and writes PNGs into RUN/plots/:
+- `training_curves.png` (every run): the loss terms, the learning rate and val mIoU / tail
+  mIoU over training;
 - `daw_fits.png`: the truncated Gaussians of correct (positive) and incorrect (negative)
   confidences on [1/C, 1], with t*, at chosen iterations (DAW paper Fig. 2/4 style);
 - `pseudo_labels.png`: t*, the fraction of unlabeled pixels used, and (under
   `scheme.oracle_eval`) the accuracy of used and discarded pseudo labels and the
   weight-averaged accuracy over training;
-- with `--compare RUN2 ...`: `pseudo_label_accuracy.png`, the weight-averaged accuracy of
-  each run over training (a weighting policy against its threshold-only baseline);
+- with `--compare RUN2 ...`: `val_miou_comparison.png`, each run's val mIoU over training,
+  and, when every run logged it, `pseudo_label_accuracy.png`, the weight-averaged
+  pseudo-label accuracy of each (a weighting policy against its threshold-only baseline);
 - STPG runs: `stpg_mismatch.png` (per-class mismatch scores and the shares of consistent,
   highly and lowly mismatched pixels over training);
 - FPL runs: `fpl_k_histogram.png` (share of pixels per K over training, Fig. 4a),
@@ -107,11 +110,87 @@ def plot_daw_fits(
     return _save(fig, out / "daw_fits.png")
 
 
+SERIES_STYLES = [
+    ("-", "o"),
+    ("--", "s"),
+    (":", "^"),
+    ("-.", "D"),
+    ((0, (5, 1)), "v"),
+    ((0, (1, 1)), "x"),
+]
+"""Line style and marker per series, so that series that coincide stay distinguishable."""
+
+
+def _styled_plot(ax, points: list[tuple[int, float]], label: str, index: int) -> None:
+    style, marker = SERIES_STYLES[index % len(SERIES_STYLES)]
+    every = max(1, len(points) // 8)
+    ax.plot(
+        *zip(*points, strict=True),
+        label=label,
+        linestyle=style,
+        marker=marker,
+        markevery=every,
+        markersize=4,
+    )
+
+
+def plot_training_curves(records: list[dict], out: Path, title: str = "") -> Path:
+    """Every run: the logged loss terms, the learning rate, and val mIoU (and tail mIoU) over
+    training."""
+    train = [r for r in records if r["split"] == "train"]
+    val = [r for r in records if r["split"] == "val"]
+    if not train:
+        raise ValueError("no training records in this run's metrics (metrics.jsonl)")
+    plt = _pyplot()
+    fig, (losses, rate, scores) = plt.subplots(1, 3, figsize=(14, 3.8))
+    keys = sorted(
+        {k for r in train for k in r if k.startswith("loss")}, key=lambda k: (k != "loss", k)
+    )
+    for i, key in enumerate(keys):
+        _styled_plot(
+            losses,
+            [(r["iteration"], r[key]) for r in train if key in r],
+            "total" if key == "loss" else key,
+            i,
+        )
+    losses.set_xlabel("iteration")
+    losses.set_ylabel("loss (mean over the logging window)")
+    losses.set_title("training losses")
+    losses.set_yscale("log")
+    losses.legend(fontsize=7)
+    rate.plot(
+        [r["iteration"] for r in train if "lr" in r],
+        [r["lr"] for r in train if "lr" in r],
+        color="#457b9d",
+    )
+    rate.set_xlabel("iteration")
+    rate.set_ylabel("backbone learning rate")
+    rate.set_title("learning rate (poly schedule)")
+    if val:
+        for i, (key, label) in enumerate((("miou", "mIoU"), ("tail_miou", "tail mIoU"))):
+            points = [(r["iteration"], 100 * r[key]) for r in val if key in r]
+            if points:
+                _styled_plot(scores, points, label, i)
+        scores.legend(fontsize=8)
+    else:
+        scores.text(
+            0.5, 0.5, "no evaluation yet", ha="center", va="center", transform=scores.transAxes
+        )
+    scores.set_xlabel("iteration")
+    scores.set_ylabel("val IoU (%)")
+    scores.set_title("validation")
+    if title:
+        fig.suptitle(title)
+    return _save(fig, out / "training_curves.png")
+
+
 def plot_pseudo_label_curves(records: list[dict], out: Path) -> Path:
+    """The share of unlabeled pixels used and, under oracle_eval, pseudo-label accuracy over
+    training; DAW's t* on its own panel (its early, ill-conditioned values can lie far outside
+    [1/C, 1]: they are drawn at the panel's edge and counted in the title)."""
     train = [r for r in records if r["split"] == "train"]
     series = {
-        "t*": "policy/t",
-        "fraction of pixels used": "mask_ratio",
+        "share of pixels used": "mask_ratio",
         "accuracy of used pseudo labels": "oracle/acc_used",
         "accuracy of discarded pseudo labels": "oracle/acc_discarded",
         "weight-averaged accuracy": "oracle/acc_weighted",
@@ -119,15 +198,63 @@ def plot_pseudo_label_curves(records: list[dict], out: Path) -> Path:
     present = {label: key for label, key in series.items() if any(key in r for r in train)}
     if not present:
         raise ValueError("no pseudo-label diagnostics in this run's metrics (a supervised run?)")
+    thresholds = [(r["iteration"], r["policy/t"]) for r in train if "policy/t" in r]
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for label, key in present.items():
-        points = [(r["iteration"], r[key]) for r in train if key in r]
-        ax.plot(*zip(*points, strict=True), label=label)
+    fig, axes = plt.subplots(
+        1, 2 if thresholds else 1, figsize=(11 if thresholds else 6, 3.6), squeeze=False
+    )
+    ax = axes[0][0]
+    for i, (label, key) in enumerate(present.items()):
+        _styled_plot(ax, [(r["iteration"], r[key]) for r in train if key in r], label, i)
     ax.set_xlabel("iteration")
+    ax.set_ylabel("share / accuracy")
     ax.set_ylim(0, 1.02)
-    ax.legend(fontsize=8)
+    ax.set_title("pseudo labels of the unlabeled batches")
+    ax.legend(fontsize=7)
+    if thresholds:
+        right = axes[0][1]
+        outside = sum(not 0 <= t <= 1 for _, t in thresholds)
+        shown = [(i, min(max(t, 0.0), 1.0)) for i, t in thresholds]
+        right.plot(*zip(*shown, strict=True), color="black")
+        clipped = [
+            (i, v) for (i, t), (_, v) in zip(thresholds, shown, strict=True) if not 0 <= t <= 1
+        ]
+        if clipped:
+            right.scatter(
+                *zip(*clipped, strict=True),
+                color="#e76f51",
+                marker="^",
+                zorder=3,
+                label="outside [0, 1], drawn at the edge",
+            )
+            right.legend(fontsize=7)
+        right.set_ylim(0, 1.02)
+        right.set_xlabel("iteration")
+        right.set_ylabel("confidence threshold t*")
+        right.set_title(
+            "DAW's t*" + (f" ({outside} logged values outside [0, 1])" if outside else "")
+        )
     return _save(fig, out / "pseudo_labels.png")
+
+
+def plot_val_comparison(runs: dict[str, list[dict]], out: Path) -> Path:
+    """Val mIoU of several runs over training."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for i, (name, records) in enumerate(runs.items()):
+        points = [
+            (r["iteration"], 100 * r["miou"])
+            for r in records
+            if r["split"] == "val" and "miou" in r
+        ]
+        if not points:
+            raise ValueError(f"{name}: no evaluation in its metrics yet")
+        _styled_plot(ax, points, name, i)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("val mIoU (%)")
+    ax.set_title("validation mIoU")
+    ax.legend(fontsize=8)
+    return _save(fig, out / "val_miou_comparison.png")
 
 
 def plot_accuracy_comparison(runs: dict[str, list[dict]], out: Path) -> Path:
@@ -296,13 +423,17 @@ def plot_run(
     folder = RunFolder(run)
     records = read_metrics(folder.metrics)
     out = folder.plots
-    paths = [plot_pseudo_label_curves(records, out)]
+    paths = [plot_training_curves(records, out, "/".join(run.parts[-2:]))]
+    if any("mask_ratio" in r for r in records):
+        paths.append(plot_pseudo_label_curves(records, out))
     if compare:
         # Bench runs live in METHOD/seedN: the last two parts tell them apart.
         runs = {"/".join(run.parts[-2:]): records}
         for other in compare:
             runs["/".join(other.parts[-2:])] = read_metrics(RunFolder(other).metrics)
-        paths.append(plot_accuracy_comparison(runs, out))
+        paths.append(plot_val_comparison(runs, out))
+        if all(any("oracle/acc_weighted" in r for r in rs) for rs in runs.values()):
+            paths.append(plot_accuracy_comparison(runs, out))
     if any("policy/mu_pos" in r for r in records):
         paths.append(plot_daw_fits(records, num_classes, out, iterations))
     if any("fpl/k1" in r for r in records):

@@ -13,7 +13,8 @@ A training run (`output_dir`)::
     <snapshots>/     per-evaluation arrays of a component (FPL: fpl_kmaps/iter_NNNNNN.npz)
     round<k>/        self-training: one run folder per round, round<k>/pseudo/ its pseudo labels
 
-A pseudo-label set (`semiseg pseudo-label OUT`): cache/, labels/, list.txt, stats.json.
+A pseudo-label set (`semiseg pseudo-label OUT`): labels/, list.txt and stats.json; cache/ and
+timing.json only while it is being made (or with --keep-cache).
 A detector folder (`policy.detector.dir`): latest.pt and detections/NNNNNN.json.
 """
 
@@ -118,6 +119,7 @@ class PseudoLabelFolder:
     split_list = property(lambda self: self.path / "list.txt")
     labels = property(lambda self: self.path / "labels")
     cache = property(lambda self: self.path / "cache")
+    timing = property(lambda self: self.path / "timing.json")
 
     def cache_file(self, index: int) -> Path:
         return self.cache / f"{index:06d}.npz"
@@ -130,6 +132,7 @@ class PseudoLabelFolder:
         """Remove everything a generation wrote here (the folder itself stays)."""
         self.stats.unlink(missing_ok=True)
         self.split_list.unlink(missing_ok=True)
+        self.timing.unlink(missing_ok=True)
         for sub in (self.labels, self.cache):
             if sub.is_dir():
                 shutil.rmtree(sub)

@@ -11,11 +11,11 @@ from torchvision import tv_tensors
 from tqdm import tqdm
 
 from semiseg.data.formats import IGNORE_INDEX, DataError, DatasetFormat, Sample, file_errors
+from semiseg.data.splits import problem_report
 
 Transform = Callable[[tv_tensors.Image, tv_tensors.Mask | None], dict[str, torch.Tensor]]
 
 _PROGRESS_MIN_SAMPLES = 200
-_MAX_REPORTED_PROBLEMS = 10
 
 
 def load_image(path: Path) -> Image.Image:
@@ -30,6 +30,13 @@ def _header_size(path: Path, what: str) -> tuple[int, int]:
         size = img.size
         img.verify()
     return size
+
+
+def _decoded_size(path: Path, what: str) -> tuple[int, int]:
+    """(W, H) of a fully decoded image: a truncated JPEG only fails here, not in its header."""
+    with file_errors(path, what), Image.open(path) as img:
+        img.load()
+        return img.size
 
 
 def _mask_problem(
@@ -137,7 +144,9 @@ class SegmentationDataset(torch.utils.data.Dataset):
 
 def _sample_problems(sample: Sample, fmt: DatasetFormat, deep: bool) -> list[str]:
     try:
-        image_size = _header_size(sample.image, "image")
+        image_size = (
+            _decoded_size(sample.image, "image") if deep else _header_size(sample.image, "image")
+        )
         if sample.mask is None:
             return []
         if not deep:
@@ -155,28 +164,28 @@ def _sample_problems(sample: Sample, fmt: DatasetFormat, deep: bool) -> list[str
 
 
 def check_samples(
-    samples: Sequence[Sample], fmt: DatasetFormat, *, deep: bool, desc: str = ""
+    samples: Sequence[Sample],
+    fmt: DatasetFormat,
+    *,
+    deep: bool,
+    desc: str = "",
+    progress: bool = True,
 ) -> None:
     """Validate samples before training: files exist, image headers read, mask sizes match.
 
-    With `deep`, masks are decoded too and their values checked against fmt.num_classes.
-    Raises one DataError listing up to 10 problems and counting the rest.
+    With `deep`, every image and mask is decoded (a truncated JPEG or PNG fails here, not in
+    the middle of a run) and mask values are checked against fmt.num_classes. Raises one
+    DataError listing up to 10 problems and counting the rest.
     """
-    progress = tqdm(
+    bar = tqdm(
         samples,
         desc=desc or "checking samples",
         leave=False,
         unit="sample",
-        disable=len(samples) < _PROGRESS_MIN_SAMPLES,
+        disable=not progress or len(samples) < _PROGRESS_MIN_SAMPLES,
     )
     problems: list[str] = []
-    count = 0
-    for sample in progress:
-        found = _sample_problems(sample, fmt, deep)
-        count += len(found)
-        problems.extend(found[: _MAX_REPORTED_PROBLEMS - len(problems)])
-    if count:
-        where = f"{desc}: " if desc else ""
-        lines = "\n".join(f"  - {p}" for p in problems)
-        rest = f"\n  ... and {count - len(problems)} more" if count > len(problems) else ""
-        raise DataError(f"{where}{count} problem(s) in {len(samples)} samples:\n{lines}{rest}")
+    for sample in bar:
+        problems.extend(_sample_problems(sample, fmt, deep))
+    if problems:
+        raise DataError(problem_report(desc or "samples", problems, len(samples)))

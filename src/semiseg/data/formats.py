@@ -119,9 +119,12 @@ def _list_images(folder: Path) -> list[Path]:
     return images
 
 
-def _pair_by_stem(images: list[Path], mask_dir: Path) -> list[Sample]:
-    """Match each image with mask_dir/<stem>.png; every image must have one."""
+def _pair_by_stem(images: list[Path], mask_dir: Path, every: bool = True) -> list[Sample]:
+    """Match each image with mask_dir/<stem>.png; every image must have one, unless not
+    `every` (then images without one are unlabeled samples)."""
     samples = [Sample(image, mask_dir / f"{image.stem}.png") for image in images]
+    if not every:
+        return [s if s.mask.is_file() else Sample(s.image, None) for s in samples]
     missing = [s for s in samples if not s.mask.is_file()]
     if missing:
         raise DataError(
@@ -156,7 +159,8 @@ class DatasetFormat:
 class FolderFormat(DatasetFormat):
     """root/images/<subset>/* with root/masks/<subset>/<stem>.png.
 
-    A subset without a masks folder is unlabeled (every Sample.mask is None).
+    An image without its mask is an unlabeled sample (Sample.mask None), and so is every
+    image of a subset without a masks folder.
     """
 
     def list_samples(self, root: Path, subset: str) -> list[Sample]:
@@ -165,7 +169,7 @@ class FolderFormat(DatasetFormat):
         mask_dir = root / "masks" / subset
         if not mask_dir.is_dir():
             return [Sample(image, None) for image in images]
-        return _pair_by_stem(images, mask_dir)
+        return _pair_by_stem(images, mask_dir, every=False)
 
 
 class VocFormat(DatasetFormat):
@@ -199,6 +203,17 @@ class VocFormat(DatasetFormat):
         if not ids:
             raise DataError(f"{masks}: no masks outside the val list")
         return ids
+
+
+def require_masks(samples: Sequence[Sample], where: str) -> list[Sample]:
+    """`samples`, which must all have a mask (validation data); else a DataError naming the
+    images without one."""
+    missing = [s.image for s in samples if s.mask is None]
+    if missing:
+        raise DataError(
+            f"{where}: {len(missing)} of {len(samples)} images have no mask (first: {missing[0]})"
+        )
+    return list(samples)
 
 
 def _read_voc_ids(path: Path) -> list[str]:

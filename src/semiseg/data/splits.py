@@ -41,15 +41,34 @@ def read_split(path: Path, root: Path, require_mask: bool) -> list[Sample]:
     if not path.is_file():
         raise DataError(f"{path}: split list does not exist")
     root = Path(root).resolve()
-    samples = []
+    samples, problems = [], []
     for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        samples.append(_parse_line(line, f"{path}:{lineno}", root, require_mask))
+        try:
+            samples.append(_parse_line(line, f"{path}:{lineno}", root, require_mask))
+        except DataError as err:
+            problems.append(str(err))
+    if problems:
+        raise DataError(problem_report(f"{path}", problems, len(samples) + len(problems), "lines"))
     if not samples:
         raise DataError(f"{path}: split list has no samples")
     return samples
+
+
+MAX_REPORTED_PROBLEMS = 10
+
+
+def problem_report(where: str, problems: list[str], total: int, what: str = "samples") -> str:
+    """One error message for many problems: the first ten, then how many more."""
+    shown = "\n".join(f"  - {p}" for p in problems[:MAX_REPORTED_PROBLEMS])
+    rest = (
+        f"\n  ... and {len(problems) - MAX_REPORTED_PROBLEMS} more"
+        if len(problems) > MAX_REPORTED_PROBLEMS
+        else ""
+    )
+    return f"{where}: {len(problems)} problem(s) in {total} {what}:\n{shown}{rest}"
 
 
 def _parse_line(line: str, where: str, root: Path, require_mask: bool) -> Sample:
@@ -96,14 +115,19 @@ def make_split(
     count: int | None = None,
     seed: int = 0,
 ) -> tuple[list[Sample], list[Sample]]:
-    """Split samples into (labeled, unlabeled) by a seeded shuffle.
+    """Split samples into (labeled, unlabeled) by a seeded shuffle of those with a mask.
 
-    Give exactly one of `fraction` (0 < f <= 1; labeled = max(1, round(f * N))) or
-    `count` (1..N). Both parts keep the original order so the written lists stay readable.
+    Give exactly one of `fraction` (0 < f <= 1; labeled = max(1, round(f * N))) or `count`
+    (1..N), N the number of samples with a mask; samples without one (images a dataset
+    has no mask for) are always unlabeled. Both parts keep the original order so the
+    written lists stay readable.
     """
-    total = len(samples)
-    if total == 0:
+    if not samples:
         raise DataError("cannot split an empty sample list")
+    masked = [i for i, s in enumerate(samples) if s.mask is not None]
+    total = len(masked)
+    if total == 0:
+        raise DataError(f"none of the {len(samples)} samples has a mask: there is nothing to label")
     if (fraction is None) == (count is None):
         raise DataError("give exactly one of fraction or count")
     if fraction is not None:
@@ -113,10 +137,10 @@ def make_split(
     if isinstance(count, bool) or not isinstance(count, int | np.integer):
         raise DataError(f"count must be an integer, got {count!r}")
     if not 1 <= count <= total:
-        raise DataError(f"count must be in 1..{total} (the number of samples), got {count}")
+        raise DataError(f"count must be in 1..{total} (the samples with a mask), got {count}")
     chosen = np.random.default_rng(seed).permutation(total)[:count]
-    is_labeled = np.zeros(total, dtype=bool)
-    is_labeled[chosen] = True
+    is_labeled = np.zeros(len(samples), dtype=bool)
+    is_labeled[np.array(masked)[chosen]] = True
     labeled = [s for s, flag in zip(samples, is_labeled, strict=True) if flag]
     unlabeled = [s for s, flag in zip(samples, is_labeled, strict=True) if not flag]
     return labeled, unlabeled

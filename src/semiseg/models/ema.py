@@ -8,10 +8,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-
-def _bare(model: nn.Module) -> nn.Module:
-    """The wrapped network of a DistributedDataParallel model, else the model itself."""
-    return getattr(model, "module", model)
+from semiseg.models.segmentor import unwrap
 
 
 class ModelEMA:
@@ -32,14 +29,14 @@ class ModelEMA:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {decay}")
         self.decay = decay
-        self.module = copy.deepcopy(_bare(model)).eval()
+        self.module = copy.deepcopy(unwrap(model)).eval()
         self.module.requires_grad_(False)
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
         """Move the average towards ``model`` (DDP-wrapped or not); ``step`` counts from 0."""
         d = min(1.0 - 1.0 / (step + 1), self.decay)
-        source = _bare(model)
+        source = unwrap(model)
         params = dict(source.named_parameters())
         for name, ema_param in self.module.named_parameters():
             ema_param.lerp_(params[name].detach(), 1.0 - d)

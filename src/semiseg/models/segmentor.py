@@ -68,6 +68,7 @@ class SegmentationModel(nn.Module):
         self.num_classes = num_classes
         self.feature_dim: int = head.feature_dim
         self.feature_dropout = nn.Dropout2d(0.5)
+        self.channels_last = False
         # STPG's projection head: Conv-ReLU-Dropout-Conv on the decoder features.
         self.projector = (
             nn.Sequential(
@@ -96,6 +97,8 @@ class SegmentationModel(nn.Module):
         then outside the step's graph, as DDP needs, and its dropout still draws as usual.
         """
         size = x.shape[-2:]
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         feats = self.backbone(x)
         if not perturb:
             return self._decode(feats, size, train_projection)
@@ -118,6 +121,13 @@ class SegmentationModel(nn.Module):
         return SegmentationOutput(
             _resize(head_out.logits, size), head_out.features, aux, projection
         )
+
+    def to_channels_last(self) -> SegmentationModel:
+        """Weights and inputs in channels-last layout (faster convolutions on CPUs and on
+        GPUs with tensor cores); outputs keep the shape they have."""
+        self.to(memory_format=torch.channels_last)
+        self.channels_last = True
+        return self
 
     @property
     def has_aux_head(self) -> bool:
@@ -146,6 +156,17 @@ class SegmentationModel(nn.Module):
             yield from self.projector.parameters()
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare network under DistributedDataParallel and torch.compile wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
 def _resize(t: Tensor, size: torch.Size) -> Tensor:
     return F.interpolate(t, size=size, mode="bilinear", align_corners=False)
 
@@ -157,6 +178,8 @@ def build_model(
     pretrained: str | None = None,
     output_stride: int = 16,
     projection_dim: int | None = None,
+    decoder: str = "standard",
+    decoder_channels: int = 256,
 ) -> SegmentationModel:
     """Build a segmentation model.
 
@@ -171,6 +194,9 @@ def build_model(
         output_stride: 16 or 8; ASPP rates are (6, 12, 18) at 16 and doubled at 8.
         projection_dim: add a projection head (Conv-ReLU-Dropout-Conv) from the decoder
             features to this many channels (``SegmentationOutput.projection``; STPG: 256).
+        decoder: DeepLabV3+ only: 'standard' or 'light' (depthwise-separable 3x3
+            convolutions in ASPP and the decoder).
+        decoder_channels: DeepLabV3+ only: channels of ASPP and the decoder (256).
 
     Raises:
         ValueError: unknown model or backbone name, output stride not 8/16, num_classes < 1.
@@ -182,9 +208,20 @@ def build_model(
     encoder = build_backbone(backbone, output_stride)
     if pretrained is not None:
         load_backbone_weights(encoder, pretrained)
+    if decoder not in ("standard", "light"):
+        raise ValueError(f"unknown decoder {decoder!r}; valid: standard, light")
     if name == "deeplabv3plus":
         rates = tuple(r * 16 // output_stride for r in (6, 12, 18))
-        head = DeepLabV3PlusHead(encoder.low_channels, encoder.high_channels, num_classes, rates)
+        head = DeepLabV3PlusHead(
+            encoder.low_channels,
+            encoder.high_channels,
+            num_classes,
+            rates,
+            channels=decoder_channels,
+            separable=decoder == "light",
+        )
     else:
+        if decoder != "standard" or decoder_channels != 256:
+            raise ValueError("decoder and decoder_channels shape the DeepLabV3+ decoder only")
         head = PSPNetHead(encoder.mid_channels, encoder.high_channels, num_classes)
     return SegmentationModel(encoder, head, num_classes, projection_dim)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import io
 import json
 import resource
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,7 +49,7 @@ from semiseg.data.splits import read_split, resolve_list, write_split
 from semiseg.data.transforms import eval_transform
 from semiseg.distributed import DistContext, barrier, cleanup, init_distributed
 from semiseg.evaluation import predict_logits
-from semiseg.files import atomic_write, atomic_write_text
+from semiseg.files import atomic_write, atomic_write_text, remove_stale_temporaries
 from semiseg.inference import load_trained_model
 from semiseg.labels import IGNORE_INDEX
 from semiseg.options import ConfigError
@@ -116,6 +117,7 @@ def predict_set(
     device: torch.device,
     ctx: DistContext | None = None,
     progress: bool = True,
+    clock: AttemptClock | None = None,
 ) -> None:
     """Pass 1: cache the teacher's class (uint8) and confidence (float16) for this process's
     share of `samples`, skipping images already cached."""
@@ -146,6 +148,25 @@ def predict_set(
             conf=conf.half().cpu().numpy(),
             pred=pred.to(torch.uint8).cpu().numpy(),
         )
+        if clock is not None:
+            clock.tick()
+
+
+class AttemptClock:
+    """Seconds a generation took over all its attempts: the time of an attempt that a kill
+    stopped is kept in OUT/timing.json (updated after every image), so stats.json's
+    `seconds` is the whole cost, not the last attempt's."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.before = json.loads(path.read_text())["seconds"] if path.is_file() else 0.0
+        self.start = time.perf_counter()
+
+    def seconds(self) -> float:
+        return self.before + time.perf_counter() - self.start
+
+    def tick(self) -> None:
+        atomic_write_text(self.path, json.dumps({"seconds": self.seconds()}) + "\n")
 
 
 def histogram(out: Path, count: int, num_classes: int) -> ConfidenceHistogram:
@@ -178,6 +199,7 @@ def write_labels(
     seed: int,
     ctx: DistContext | None = None,
     progress: bool = True,
+    clock: AttemptClock | None = None,
 ) -> None:
     """Pass 4: this process's share of label PNGs, skipping those already written."""
     rank, world = (ctx.rank, ctx.world_size) if ctx else (0, 1)
@@ -199,6 +221,8 @@ def write_labels(
         atomic_write(
             folder.label_file(i, samples[i].image), lambda tmp, im=image: im.save(tmp, format="PNG")
         )
+        if clock is not None:
+            clock.tick()
 
 
 def final_counts(out: Path, samples: list[Sample], num_classes: int) -> torch.Tensor:
@@ -229,29 +253,44 @@ def generate(
     root: Path | None = None,
     progress: bool = True,
     restart: bool = False,
+    keep_cache: bool = False,
 ) -> dict:
     """Pseudo labels for `samples` into `out` (see the module docstring); returns the stats.
 
     `labeled_counts` [C] (pixels per class of the labeled set) is needed by DA and DARS and
     gives the KL divergences in the stats. `root` is the dataset folder that list.txt paths
     are written relative to. `restart` discards what an earlier generation left in `out`
-    (a new teacher's labels must not reuse the old teacher's cache).
+    (a new teacher's labels must not reuse the old teacher's cache). The prediction cache is
+    removed once the labels are written, unless `keep_cache`; so are the temporary files of
+    writes a kill interrupted. stats.json's `seconds` add up every attempt's time.
     """
     out = Path(out)
     folder = PseudoLabelFolder(out)
     done = folder.stats
-    if restart and (ctx is None or ctx.is_main):
-        folder.clear()
+    is_main = ctx is None or ctx.is_main
+    if is_main:
+        if restart:
+            folder.clear()
+        remove_stale_temporaries(folder.path)
     if ctx is not None:
         barrier(ctx)
     if done.is_file():
         return json.loads(done.read_text())
-    start = time.perf_counter()
+    clock = AttemptClock(folder.timing) if is_main else None
     device = device or torch.device("cpu")
     teacher = teacher or TeacherSpec()
-    is_main = ctx is None or ctx.is_main
     predict_set(
-        model, samples, fmt, num_classes, out, spec, teacher, device, ctx, progress and is_main
+        model,
+        samples,
+        fmt,
+        num_classes,
+        out,
+        spec,
+        teacher,
+        device,
+        ctx,
+        progress and is_main,
+        clock,
     )
     if ctx is not None:
         barrier(ctx)
@@ -259,7 +298,7 @@ def generate(
     hist = histogram(out, len(samples), num_classes)
     plan = plan_thresholds(spec, hist, ratio)
     allotment = allot_set(out, len(samples), spec, plan, seed) if spec.method == "dars" else None
-    write_labels(out, samples, plan, allotment, seed, ctx, progress and is_main)
+    write_labels(out, samples, plan, allotment, seed, ctx, progress and is_main, clock)
     if ctx is not None:
         barrier(ctx)
     if is_main:
@@ -270,12 +309,16 @@ def generate(
             "seed": seed,
             "images": len(samples),
             **_count_stats(hist, plan, ratio, counts),
-            "seconds": time.perf_counter() - start,
+            "seconds": clock.seconds() if clock is not None else None,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }
         labeled = [Sample(s.image, folder.label_file(i, s.image)) for i, s in enumerate(samples)]
         write_split(folder.split_list, labeled, root or Path("/"))
         atomic_write_text(done, json.dumps(stats, indent=2) + "\n")
+        if not keep_cache:
+            shutil.rmtree(folder.cache, ignore_errors=True)
+        folder.timing.unlink(missing_ok=True)
+        remove_stale_temporaries(folder.path)
     if ctx is not None:
         # Every process returns only once list.txt and stats.json exist.
         barrier(ctx)
@@ -314,12 +357,15 @@ def pseudo_label_checkpoint(
     flip: bool = True,
     seed: int = 0,
     device: str = "auto",
+    device_key: str = "--device",
     progress: bool = True,
     restart: bool = False,
+    keep_cache: bool = False,
 ) -> tuple[dict, list[str]]:
     """`semiseg pseudo-label`: label a checkpoint's unlabeled set (or `unlabeled`) into `out`,
-    with the class distribution of its labeled set (or `labeled`); returns (stats, class names)."""
-    ctx = init_distributed(device)
+    with the class distribution of its labeled set (or `labeled`); returns (stats, class names).
+    `device_key` names where `device` came from (for the error when it cannot be used)."""
+    ctx = init_distributed(device, device_key)
     try:
         model, cfg, ckpt = load_trained_model(checkpoint, ctx.device)
         num_classes = ckpt["num_classes"]
@@ -358,6 +404,7 @@ def pseudo_label_checkpoint(
             root=root,
             progress=progress and ctx.is_main,
             restart=restart,
+            keep_cache=keep_cache,
         )
         return stats, list(ckpt["class_names"])
     finally:

@@ -107,6 +107,7 @@ def pseudo_label_round(
         flip=cfg.scheme.flip,
         seed=cfg.train.seed + k,
         device=cfg.train.device,
+        device_key="train.device",
         progress=progress,
         restart=restart,
     )

@@ -18,15 +18,11 @@ import torch
 from torch import Tensor, nn
 
 from semiseg.models.ema import ModelEMA
+from semiseg.models.segmentor import unwrap
 from semiseg.options import ComponentOptions, ConfigError, Options
 
 if TYPE_CHECKING:
     from semiseg.schemes.teaching import Teaching
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The bare model under a DistributedDataParallel wrapper."""
-    return model.module if hasattr(model, "module") else model
 
 
 @dataclass

@@ -1,0 +1,52 @@
+"""Mixed precision and memory layout: what `train.amp: auto` and `train.channels_last` pick.
+
+`auto` is bf16 on a CUDA device that supports it, else fp16 (with a gradient scaler), and on
+a CPU bf16 only where the processor computes it natively (AVX512-BF16 or AMX); elsewhere a
+CPU emulates bf16 and is slower than fp32, so `auto` is fp32 there.
+
+What autocast leaves in float32, and why: the losses (`cross_entropy` and every unlabeled
+loss cast the logits to float32), the teacher probabilities every policy reads
+(`semiseg.schemes.teaching.softmax`), DAW's fits and t* (float64 state), FPL's sets and
+weights (computed on those float32 probabilities), DARS' histograms (float16 by design, from
+float32 softmax), BatchNorm's running statistics (float32 buffers) and evaluation (the
+engine evaluates in float32). Pixel features reach a policy in the autocast dtype: rank
+weighting's top-k sets of bf16 features see more ties, broken by dimension index.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+AMP_DTYPES = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_has_native_bf16() -> bool:
+    """The processor has bf16 arithmetic (AVX512-BF16 or AMX), read from /proc/cpuinfo."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        flags = set()
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("flags"):
+                flags.update(line.split(":", 1)[1].split())
+        return any(flag in flags for flag in _BF16_FLAGS)
+    # No /proc (macOS, Windows): ask PyTorch's CPU feature probe where it has one.
+    probe = getattr(getattr(torch._C, "_cpu", None), "_is_avx512_bf16_supported", None)
+    return bool(probe()) if probe is not None else False
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of `train.amp` on `device`; None runs in float32."""
+    if amp != "auto":
+        return AMP_DTYPES[amp]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_has_native_bf16() else None
+    return None
+
+
+def describe(dtype: torch.dtype | None) -> str:
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
