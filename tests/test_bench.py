@@ -104,7 +104,17 @@ def test_bench_runs_the_grid_then_reuses_finished_runs(synthetic_root, tmp_path,
     assert (out / "fixmatch" / "seed0" / "plots" / "pseudo_label_accuracy.png").is_file()
     # A supervised run has no pseudo labels: the comparison draws val mIoU only.
     (out / "fixmatch" / "seed0" / "plots" / "pseudo_label_accuracy.png").unlink()
-    assert main(["plot", str(out / "fixmatch" / "seed0"), "--compare", str(out / "supervised" / "seed0")]) == 0
+    assert (
+        main(
+            [
+                "plot",
+                str(out / "fixmatch" / "seed0"),
+                "--compare",
+                str(out / "supervised" / "seed0"),
+            ]
+        )
+        == 0
+    )
     assert (out / "fixmatch" / "seed0" / "plots" / "val_miou_comparison.png").is_file()
     assert not (out / "fixmatch" / "seed0" / "plots" / "pseudo_label_accuracy.png").exists()
 
