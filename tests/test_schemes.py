@@ -173,7 +173,7 @@ def test_fpl_with_one_class_sets_and_no_adaptive_weight_is_the_cross_entropy_ste
     assert fpl == pytest.approx(ce, rel=1e-5)
     # The official CPS rescaling keeps FPL's gradient direction but reports the CE value.
     rescaled = first_loss(
-        {"name": "fpl", "T": 0.95, "adaptive_weight": "none", "rescale": True}, "rescaled"
+        {"name": "fpl", "T": 0.95, "adaptive_weight": "none", "rescale": "each"}, "rescaled"
     )
     assert rescaled == pytest.approx(ce, rel=1e-5)
     assert first_loss(

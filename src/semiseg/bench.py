@@ -39,6 +39,7 @@ from semiseg.config import ConfigError, build_dataclass, load_config
 from semiseg.files import atomic_write, atomic_write_text
 from semiseg.metrics_log import read_metrics
 from semiseg.run_folder import RunFolder
+from semiseg.schedule import planned_iterations
 
 
 @dataclass
@@ -162,10 +163,11 @@ def run_grid(
         for seed in seeds or grid.seeds:
             folder = run_dir(grid, method, seed)
             cfg = run_config(grid, method, seed)
-            if read_result(method, seed, folder, cfg.train.iterations) is None:
+            iterations = planned_iterations(cfg)
+            if read_result(method, seed, folder, iterations) is None:
                 print(f"== {method} seed {seed} -> {folder}")
                 train(cfg, progress=progress)
-                if read_result(method, seed, folder, cfg.train.iterations) is None:
+                if read_result(method, seed, folder, iterations) is None:
                     raise RuntimeError(f"{folder}: training ended without a final evaluation")
             else:
                 print(f"== {method} seed {seed}: finished, read from {folder}")
@@ -177,7 +179,7 @@ def finished_results(grid: BenchGrid) -> list[RunResult]:
     for method in grid.methods:
         for seed in grid.seeds:
             cfg = run_config(grid, method, seed)
-            result = read_result(method, seed, run_dir(grid, method, seed), cfg.train.iterations)
+            result = read_result(method, seed, run_dir(grid, method, seed), planned_iterations(cfg))
             if result is not None:
                 results.append(result)
     return results

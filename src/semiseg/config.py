@@ -64,6 +64,11 @@ class DataConfig:
     crop_size: int = 321
     scale_range: tuple[float, float] = (0.5, 2.0)
     hflip: bool = True
+    rotate: float = 0.0
+    """Training crops are rotated by an angle uniform in [-rotate, rotate] degrees, with
+    probability 0.5 (DARS' recipe: 10); 0 never rotates."""
+    blur: bool = False
+    """Training crops get a 5 x 5 Gaussian blur with probability 0.5 (DARS' recipe)."""
     batch_size: int = 8
     """Labeled images per step and per process (the global batch is this times the world size)."""
     unlabeled_batch_size: int | None = None
@@ -108,12 +113,22 @@ class OptimConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     poly_power: float = 0.9
+    poly_start: float = 0.0
+    """Progress of the poly schedule at iteration 0, in [0, 1): 0 starts it afresh; a
+    self-training round that continues its teacher's schedule starts at k/(k+1)."""
     nesterov: bool = False
 
 
 @dataclass
 class TrainConfig:
-    iterations: int = 1000
+    iterations: int | None = None
+    """Optimiser steps (and length of the poly schedule); unset: 1000, or resolved from
+    `epochs` when the run starts (`semiseg.schedule`; saved in the run's config.yaml)."""
+    epochs: float | None = None
+    """The schedule in passes over a split list instead of `iterations` (the papers'
+    recipes): over the unlabeled list for semi-supervised schemes and self-training rounds,
+    over the labeled list for supervised training (`epoch_list` chooses)."""
+    epoch_list: Literal["auto", "labeled", "unlabeled"] = "auto"
     eval_every: int = 200
     checkpoint_every: int | None = None
     """Iterations between `latest.pt` writes; None means eval_every."""
@@ -156,22 +171,31 @@ class Config:
     """The pseudo-label policy's options (`semiseg.pseudo`); None for schemes without one."""
     loss: ComponentOptions | None = field(default=None, metadata={COMPONENT: "loss"})
     """The unlabeled loss's options (`semiseg.pseudo`); None for schemes without one."""
+    labeled_loss: ComponentOptions = field(default=None, metadata={COMPONENT: "labeled_loss"})  # type: ignore[assignment]
+    """The labeled images' loss (`semiseg.losses`: ce, ohem)."""
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = "runs/default"
 
     def __post_init__(self) -> None:
-        if self.scheme is None:
-            registry = registries()["scheme"]
-            self.scheme = registry.options(registry.default)()
+        found = registries()
+        for section in ("scheme", "labeled_loss"):
+            if getattr(self, section) is None:
+                setattr(self, section, found[section].options(found[section].default)())
 
     def validate(self) -> None:
         """Checks of the general sections that a single type annotation cannot express."""
+        if self.train.epochs is not None:
+            if self.train.iterations is not None:
+                raise ConfigError("give train.iterations or train.epochs, not both")
+            if self.train.epochs <= 0:
+                raise ConfigError(f"train.epochs must be positive, got {self.train.epochs}")
+        elif self.train.iterations is None:
+            self.train.iterations = 1000
         positive = {
             "data.crop_size": self.data.crop_size,
             "data.batch_size": self.data.batch_size,
             "data.eval_batch_size": self.data.eval_batch_size,
-            "train.iterations": self.train.iterations,
             "train.eval_every": self.train.eval_every,
             "train.log_every": self.train.log_every,
         }
@@ -179,6 +203,8 @@ class Config:
             positive["data.unlabeled_batch_size"] = self.data.unlabeled_batch_size
         if self.train.checkpoint_every is not None:
             positive["train.checkpoint_every"] = self.train.checkpoint_every
+        if self.train.iterations is not None:
+            positive["train.iterations"] = self.train.iterations
         for key, value in positive.items():
             if value <= 0:
                 raise ConfigError(f"{key} must be positive, got {value}")
@@ -195,6 +221,8 @@ class Config:
             raise ConfigError(f"data.num_classes must be >= 2, got {self.data.num_classes}")
         if self.optim.lr <= 0:
             raise ConfigError(f"optim.lr must be positive, got {self.optim.lr}")
+        if not 0 <= self.optim.poly_start < 1:
+            raise ConfigError(f"optim.poly_start must be in [0, 1), got {self.optim.poly_start}")
         if self.train.amp == "fp16" and not self.train.device.startswith(("cuda", "auto")):
             raise ConfigError("train.amp=fp16 needs a CUDA device; use bf16 on CPU")
         if self.model.name != "deeplabv3plus" and (
@@ -211,10 +239,11 @@ class Config:
 
 def registries() -> dict:
     """The component registries of the config's component sections, by kind."""
+    from semiseg.losses import LABELED_LOSSES
     from semiseg.pseudo import LOSSES, POLICIES
     from semiseg.schemes import SCHEMES
 
-    return {"scheme": SCHEMES, "policy": POLICIES, "loss": LOSSES}
+    return {"scheme": SCHEMES, "policy": POLICIES, "loss": LOSSES, "labeled_loss": LABELED_LOSSES}
 
 
 def component_sections() -> dict[str, str]:
@@ -235,9 +264,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        for arg in args:
-            if arg is type(None):
-                continue
+        options = [arg for arg in args if arg is not type(None)]
+        if len(options) == 1:
+            # An optional field: the error of its one type says more than the union's name.
+            return _coerce(value, options[0], key)
+        for arg in options:
             try:
                 return _coerce(value, arg, key)
             except ConfigError:
@@ -408,6 +439,7 @@ def config_from_dict(data: dict, overrides: list[str] | None = None) -> Config:
     found = registries()
     cfg.scheme = _component("scheme", merged.get("scheme"), found["scheme"])
     teaches = found["scheme"].get(cfg.scheme.name).teaches
+    cfg.labeled_loss = _component("labeled_loss", merged.get("labeled_loss"), found["labeled_loss"])
     for section in ("policy", "loss"):
         raw = merged.get(section)
         # A scheme without online pseudo labels keeps an explicit section, for its own

@@ -44,8 +44,19 @@ def is_legacy(data: dict) -> bool:
     return isinstance(data, dict) and any(key in data for key in MOVED)
 
 
+def upgrade_values(data: dict) -> dict:
+    """Option values whose type changed since: FPL's `loss.rescale` was a bool, True being
+    what is now 'each' (every view scaled to its own weighted cross-entropy)."""
+    loss = data.get("loss") if isinstance(data, dict) else None
+    if isinstance(loss, dict) and isinstance(loss.get("rescale"), bool):
+        data = {**data, "loss": {**loss, "rescale": "each" if loss["rescale"] else "off"}}
+    return data
+
+
 def upgrade(data: dict) -> dict:
-    """A saved config of the old layout in the current one; other configs as they are."""
+    """A saved config of the old layout, or with old option values, in the current one;
+    other configs as they are."""
+    data = upgrade_values(data)
     if not is_legacy(data):
         return data
     from semiseg.config import registries

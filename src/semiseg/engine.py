@@ -62,6 +62,7 @@ from semiseg.models import build_model
 from semiseg.precision import autocast_dtype, describe
 from semiseg.pseudo import PolicyContext
 from semiseg.run_folder import RunFolder, final_record
+from semiseg.schedule import resolve as resolve_schedule
 from semiseg.schemes import SCHEMES, Scheme, StepOutput, Teaching, Views, unwrap
 
 # Keys that change how a run is executed or reported but not what it computes, so a
@@ -252,8 +253,11 @@ def _load_weights(model: nn.Module, state: dict[str, Tensor], path: str) -> None
         )
 
 
-def poly_factor(iteration: int, total: int, power: float) -> float:
-    return (1.0 - iteration / total) ** power
+def poly_factor(iteration: int, total: int, power: float, start: float = 0.0) -> float:
+    """The poly schedule's factor (1 - progress) ** power; `start` is the progress already made
+    at iteration 0 (a self-training round that continues its teacher's schedule)."""
+    progress = iteration / total if start == 0 else start + (1.0 - start) * iteration / total
+    return (1.0 - progress) ** power
 
 
 def _with_defaults(saved: dict) -> dict:
@@ -358,13 +362,16 @@ class Trainer:
     """Builds everything a run needs from a `Config` and trains it; `run()` returns the final scores."""
 
     def __init__(self, cfg: Config, *, restart: bool = False, progress: bool = True):
-        self.cfg = cfg
         self.ctx: DistContext = init_distributed(cfg.train.device)
+        cfg, schedule_note = resolve_schedule(cfg, self.ctx.world_size)
+        self.cfg = cfg
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.progress = progress and self.ctx.is_main
+        if schedule_note and self.ctx.is_main:
+            tqdm.write(schedule_note)
         self.folder = RunFolder(cfg.output_dir)
         self.run_dir = self.folder.path
         self.scheme_cls = SCHEMES.get(cfg.scheme.name)
@@ -466,6 +473,7 @@ class Trainer:
         seed: int,
         transform: Callable,
         detections: Callable | None = None,
+        salt: int = 0,
     ) -> Iterator:
         cfg = self.cfg.data
         dataset = SegmentationDataset(
@@ -477,6 +485,7 @@ class Trainer:
             rank=self.ctx.rank,
             world=self.ctx.world_size,
             start=self.iteration * batch_size,
+            salt=salt,
         )
         loader = DataLoader(
             dataset,
@@ -508,13 +517,19 @@ class Trainer:
 
     def _weak_transform(self) -> TrainTransform:
         data = self.cfg.data
-        return TrainTransform(data.crop_size, tuple(data.scale_range), hflip=data.hflip)
+        return TrainTransform(
+            data.crop_size,
+            tuple(data.scale_range),
+            hflip=data.hflip,
+            rotate=data.rotate,
+            blur=data.blur,
+        )
 
     def _unlabeled_transform(self, weak: TrainTransform) -> UnlabeledTransform:
         """The weak crop and the strong views and CutMix boxes the scheme declares."""
         views, options = self.scheme_cls.views, self.cfg.scheme
         assert views is not None
-        side = options.cutmix_side
+        side, area = options.cutmix_side, options.cutmix_area
         return UnlabeledTransform(
             weak,
             cutmix_p=options.cutmix_p,
@@ -522,6 +537,7 @@ class Trainer:
             cutmix_side=tuple(side) if side is not None else None,
             strong_views=views.strong,
             boxes=views.boxes,
+            cutmix_area=tuple(area) if area is not None else None,
         )
 
     def _streams(self) -> tuple[Iterator, Iterator | None, Iterator | None]:
@@ -544,10 +560,12 @@ class Trainer:
             )
             mix = None
             if views.mix:
-                # The CutMix source is a second, independently drawn unlabeled stream (the
-                # released UniMatch code pastes a differently augmented copy of the same batch).
+                # A second, independently drawn unlabeled stream; or (`same_image`, the released
+                # code's zip of a loader with itself) the same images augmented anew.
+                same = cfg.scheme.cutmix_source == "same_image"
+                seed = cfg.train.seed + (1 if same else 2)
                 mix = self._train_loader(
-                    self.data.unlabeled, batch_u, False, cfg.train.seed + 2, transform, boxes
+                    self.data.unlabeled, batch_u, False, seed, transform, boxes, salt=int(same)
                 )
             return labeled, unlabeled, mix
         if self.data.pseudo_labeled is not None:
@@ -619,7 +637,10 @@ class Trainer:
 
     # ------------------------------------------------------------- training
     def _set_lr(self, iteration: int) -> float:
-        factor = poly_factor(iteration, self.cfg.train.iterations, self.cfg.optim.poly_power)
+        optim = self.cfg.optim
+        factor = poly_factor(
+            iteration, self.cfg.train.iterations, optim.poly_power, optim.poly_start
+        )
         for group in self.optimizer.param_groups:
             group["lr"] = self.cfg.optim.lr * group["lr_mult"] * factor
         return self.cfg.optim.lr * factor

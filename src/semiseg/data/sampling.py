@@ -34,14 +34,19 @@ class ResumableSampler(Sampler):
     seeded with (seed, e), padded by wrapping to a multiple of `world` (as DistributedSampler
     does), and process `rank` takes every world-th element. `start` is the number of samples
     this process has already consumed, so `start = iterations_done * batch_size` resumes.
+    `salt` changes the augmentation seeds but not the order: two samplers that differ only
+    in it give the same images, augmented differently.
     """
 
-    def __init__(self, size: int, seed: int, rank: int = 0, world: int = 1, start: int = 0):
+    def __init__(
+        self, size: int, seed: int, rank: int = 0, world: int = 1, start: int = 0, salt: int = 0
+    ):
         if size <= 0:
             raise ValueError("cannot sample from an empty dataset")
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} outside [0, {world})")
         self.size, self.seed, self.rank, self.world, self.start = size, seed, rank, world, start
+        self.salt = salt
         self.per_rank = -(-size // world)
 
     def epoch_indices(self, epoch: int) -> list[int]:
@@ -56,7 +61,8 @@ class ResumableSampler(Sampler):
             epoch, position = divmod(n, self.per_rank)
             indices = self.epoch_indices(epoch)
             for pos in range(position, self.per_rank):
-                yield indices[pos], _mix(self.seed, epoch, pos, self.rank, 1)
+                key = (1,) if self.salt == 0 else (1, self.salt)
+                yield indices[pos], _mix(self.seed, epoch, pos, self.rank, *key)
                 n += 1
 
     def __len__(self) -> int:

@@ -63,6 +63,11 @@ class TrainTransform:
     Rescale the whole image by a factor uniform in `scale_range` (image bilinear, mask
     nearest), pad right and bottom to at least the crop (image 0, mask `ignore_index`),
     crop at a random position, flip horizontally with probability 0.5.
+
+    DARS' training adds, each with probability 0.5, a rotation by an angle uniform in
+    [-rotate, rotate] degrees after the rescale (image bilinear with the ImageNet mean
+    outside, mask nearest with `ignore_index`) and a 5 x 5 Gaussian blur of the image
+    (sigma 1.1, OpenCV's for that kernel); both off by default, and then draw nothing.
     """
 
     def __init__(
@@ -71,6 +76,8 @@ class TrainTransform:
         scale_range: tuple[float, float] = (0.5, 2.0),
         hflip: bool = True,
         ignore_index: int = 255,
+        rotate: float = 0.0,
+        blur: bool = False,
     ) -> None:
         self.crop_size = _size_pair(crop_size, "crop_size")
         low, high = scale_range
@@ -79,6 +86,10 @@ class TrainTransform:
         self.scale_range = (float(low), float(high))
         self.hflip = hflip
         self.ignore_index = ignore_index
+        if rotate < 0:
+            raise ValueError(f"rotate must be >= 0 degrees, got {rotate}")
+        self.rotate = float(rotate)
+        self.blur = blur
 
     def __call__(
         self, image: torch.Tensor, mask: torch.Tensor | None = None
@@ -86,6 +97,8 @@ class TrainTransform:
         """image uint8 [3, H, W], mask int64 [H, W] or None ->
         {'image': float [3, h, w] normalised, 'mask': int64 [h, w]} (no 'mask' if None)."""
         image, mask = self.geometric(image, mask)
+        if self.blur and torch.rand(()) < 0.5:
+            image = F.gaussian_blur(image, [5, 5], [1.1, 1.1])
         out = {"image": normalize(image)}
         if mask is not None:
             out["mask"] = mask.as_subclass(torch.Tensor).long()
@@ -103,6 +116,8 @@ class TrainTransform:
         image = tv_tensors.Image(image)
         mask = None if mask is None else tv_tensors.Mask(mask)
         image, mask = self._rescale(image, mask)
+        if self.rotate and torch.rand(()) < 0.5:
+            image, mask = self._rotate(image, mask)
         image, mask = self._pad(image, mask)
         image, mask = self._crop(image, mask)
         if self.hflip and torch.rand(()) < 0.5:
@@ -121,6 +136,16 @@ class TrainTransform:
             # nearest-exact samples pixel centres like bilinear does; plain 'nearest'
             # would shift the mask by up to half a pixel against the image.
             mask = F.resize(mask, size, interpolation=InterpolationMode.NEAREST_EXACT)
+        return image, mask
+
+    def _rotate(self, image: tv_tensors.Image, mask: tv_tensors.Mask | None) -> ImageAndMask:
+        angle = _uniform(-self.rotate, self.rotate)
+        mean = [round(255 * m) for m in IMAGENET_MEAN]
+        image = F.rotate(image, angle, interpolation=InterpolationMode.BILINEAR, fill=mean)
+        if mask is not None:
+            mask = F.rotate(
+                mask, angle, interpolation=InterpolationMode.NEAREST, fill=self.ignore_index
+            )
         return image, mask
 
     def _pad(self, image: tv_tensors.Image, mask: tv_tensors.Mask | None) -> ImageAndMask:
@@ -205,6 +230,7 @@ def cutmix_box(
     generator: torch.Generator | None = None,
     count: int = 1,
     side: tuple[float, float] | None = None,
+    area: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     """The CutMix region: bool [H, W], True inside the box(es) to paste.
 
@@ -217,8 +243,14 @@ def cutmix_box(
     `count` > 1 pastes the union of that many boxes, and `side` = (lo, hi) draws each box's
     height and width as independent fractions uniform in [lo, hi] of the image's instead of
     by area and ratio: STPG's "three rectangular regions with random ratios ranging from 0.25
-    to 0.5" (Sec. 4.1) is count=3, side=(0.25, 0.5), p=1. Draws only from `generator`
-    (global RNG if None).
+    to 0.5" (Sec. 4.1) is count=3, side=(0.25, 0.5), p=1.
+
+    `area` = (lo, hi) is CPS's box generator (TorchSemiSeg's BoxMaskGenerator, which CPS and
+    FPL mix every unlabeled image with: count=3, area=(0.25, 0.5), p=1): per box a fraction p
+    uniform in [lo, hi], a random aspect ratio (height fraction p^u with u uniform in [0, 1],
+    width fraction p / that), both times sqrt(1 / count), so each box covers p / count of the
+    image, placed uniformly inside it; the boxes are XOR-combined (where two overlap, neither
+    is pasted). Draws only from `generator` (global RNG if None).
     """
     if height < 1 or width < 1:
         raise ValueError(f"cutmix_box needs a positive size, got {height}x{width}")
@@ -231,9 +263,13 @@ def cutmix_box(
         raise ValueError(f"count must be at least 1, got {count}")
     if side is not None and not 0 < side[0] <= side[1] <= 1:
         raise ValueError(f"side must satisfy 0 < min <= max <= 1, got {side!r}")
+    if area is not None and (side is not None or not 0 < area[0] <= area[1] <= 1):
+        raise ValueError(f"area must satisfy 0 < min <= max <= 1 and go without side, got {area!r}")
     box = torch.zeros(height, width, dtype=torch.bool)
     if _uniform(0, 1, generator) >= p:
         return box
+    if area is not None:
+        return _xor_boxes(box, count, area, generator)
     for _ in range(count):
         if side is None:
             area = _uniform(size_min, size_max, generator) * height * width
@@ -246,6 +282,23 @@ def cutmix_box(
         top = int(torch.randint(0, height - box_h + 1, (), generator=generator))
         left = int(torch.randint(0, width - box_w + 1, (), generator=generator))
         box[top : top + box_h, left : left + box_w] = True
+    return box
+
+
+def _xor_boxes(
+    box: torch.Tensor, count: int, area: tuple[float, float], generator: torch.Generator | None
+) -> torch.Tensor:
+    """CPS's boxes (see `cutmix_box`), toggled into `box`."""
+    height, width = box.shape
+    shrink = math.sqrt(1.0 / count)
+    for _ in range(count):
+        share = _uniform(*area, generator)
+        height_share = share ** _uniform(0, 1, generator)
+        box_h = round(height_share * shrink * height)
+        box_w = round(share / height_share * shrink * width)
+        top = round((height - box_h) * _uniform(0, 1, generator))
+        left = round((width - box_w) * _uniform(0, 1, generator))
+        box[top : top + box_h, left : left + box_w] ^= True
     return box
 
 
@@ -316,6 +369,7 @@ class UnlabeledTransform:
         cutmix_side: tuple[float, float] | None = None,
         strong_views: int = 2,
         boxes: int = 2,
+        cutmix_area: tuple[float, float] | None = None,
     ) -> None:
         _check_probability(cutmix_p, "cutmix_p")
         if not (0 <= strong_views <= 2 and 0 <= boxes <= 2):
@@ -324,7 +378,12 @@ class UnlabeledTransform:
             )
         self.weak = weak
         self.strong = strong or StrongTransform()
-        self.cutmix = {"p": cutmix_p, "count": cutmix_boxes, "side": cutmix_side}
+        self.cutmix = {
+            "p": cutmix_p,
+            "count": cutmix_boxes,
+            "side": cutmix_side,
+            "area": cutmix_area,
+        }
         self.strong_views, self.boxes = strong_views, boxes
 
     def __call__(

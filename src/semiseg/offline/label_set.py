@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
@@ -72,11 +73,14 @@ __all__ = ["GeneratorSpec", "TeacherSpec", "format_stats", "generate", "pseudo_l
 
 @dataclass
 class TeacherSpec:
-    """How the teacher predicts: `mode`/`size` as `data.eval_mode`/`eval_size`, plus a flip."""
+    """How the teacher predicts: `mode`/`size` as `data.eval_mode`/`eval_size`, plus a flip;
+    `base_size`: the image's longer side is first resized to it (the released DARS
+    generators' base_size), and the logits back to the image's size."""
 
     mode: str = "none"
     size: int | None = None
     flip: bool = True
+    base_size: int | None = None
 
 
 def labeled_class_counts(
@@ -131,6 +135,10 @@ def predict_set(
         with Image.open(samples[i].image) as img:
             width, height = img.size
         image = dataset[i]["image"].unsqueeze(0).to(device)
+        if teacher.base_size:
+            scale = teacher.base_size / max(image.shape[-2:])
+            resized = (round(image.shape[-2] * scale), round(image.shape[-1] * scale))
+            image = F.interpolate(image, size=resized, mode="bilinear", align_corners=False)
         logits = predict_logits(
             model, image, num_classes, (height, width), teacher.mode, teacher.size
         )
@@ -361,6 +369,7 @@ def pseudo_label_checkpoint(
     progress: bool = True,
     restart: bool = False,
     keep_cache: bool = False,
+    base_size: int | None = None,
 ) -> tuple[dict, list[str]]:
     """`semiseg pseudo-label`: label a checkpoint's unlabeled set (or `unlabeled`) into `out`,
     with the class distribution of its labeled set (or `labeled`); returns (stats, class names).
@@ -387,7 +396,7 @@ def pseudo_label_checkpoint(
             )
         size = cfg.data.eval_size or cfg.data.crop_size
         teacher = TeacherSpec(
-            cfg.data.eval_mode, None if cfg.data.eval_mode == "none" else size, flip
+            cfg.data.eval_mode, None if cfg.data.eval_mode == "none" else size, flip, base_size
         )
         stats = generate(
             model,

@@ -19,8 +19,10 @@ per-round scores and pseudo-label statistics (KL divergence to the labeled class
 distribution, class counts before and after sampling). The generator and the rounds are the
 options of scheme `self_training` (`semiseg.schemes.self_training.SelfTrainingOptions`).
 
-Unlike the released code, each round restarts the poly schedule and the optimiser from the
-teacher's weights instead of continuing the previous round's epoch counter.
+Each round starts the optimiser afresh from its teacher's weights. The poly schedule starts
+afresh too, unless `scheme.continue_schedule` (the released code, which resumes round k at
+the epoch where round k-1 ended: its learning rate jumps back to (1/(k+1))^0.9 of the base
+and decays from there); its momentum buffers are not carried over.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from semiseg.engine import Trainer, warm_start_sources
 from semiseg.offline.label_set import GeneratorSpec, pseudo_label_checkpoint
 from semiseg.options import ConfigError
 from semiseg.run_folder import PseudoLabelFolder, RunFolder, final_record
+from semiseg.schedule import planned_iterations
 from semiseg.schemes import SCHEMES
 from semiseg.schemes.self_training import SelfTrainingOptions
 
@@ -71,7 +74,10 @@ def round_config(cfg: Config, k: int, teacher: Path | None) -> Config:
         scale_range=widened_scale(cfg.data.scale_range, st.beta_min[k - 1], st.beta_max[k - 1]),
     )
     model = dataclasses.replace(cfg.model, init_from=str(teacher))
-    return dataclasses.replace(cfg, data=data, model=model, output_dir=str(out.path))
+    # DARS' released code resumes round k at the epoch where round k-1 ended (rounds of equal
+    # length): its poly schedule goes on from k/(k+1) instead of starting afresh.
+    optim = dataclasses.replace(cfg.optim, poly_start=k / (k + 1) if st.continue_schedule else 0.0)
+    return dataclasses.replace(cfg, data=data, model=model, optim=optim, output_dir=str(out.path))
 
 
 def generator_spec(options: SelfTrainingOptions, k: int) -> GeneratorSpec:
@@ -108,6 +114,7 @@ def pseudo_label_round(
         seed=cfg.train.seed + k,
         device=cfg.train.device,
         device_key="train.device",
+        base_size=cfg.scheme.teacher_size,
         progress=progress,
         restart=restart,
     )
@@ -119,7 +126,7 @@ def self_train(cfg: Config, *, restart: bool = False, progress: bool = True) -> 
     # One process group for every round and pseudo-label pass (see DistContext.owner).
     ctx = init_distributed(cfg.train.device)
     try:
-        return _rounds(cfg, restart, progress)
+        return _rounds(cfg, restart, progress, ctx.world_size)
     finally:
         cleanup(ctx)
 
@@ -128,8 +135,8 @@ def _train(cfg: Config, restart: bool, progress: bool) -> dict:
     return Trainer(cfg, restart=restart, progress=progress).run()
 
 
-def _rounds(cfg: Config, restart: bool, progress: bool) -> dict:
-    iterations = cfg.train.iterations
+def _rounds(cfg: Config, restart: bool, progress: bool, processes: int) -> dict:
+    iterations = planned_iterations(cfg, processes)
     top = RunFolder(cfg.output_dir)
     save_config(cfg, top.config)
     rounds = []
@@ -139,16 +146,17 @@ def _rounds(cfg: Config, restart: bool, progress: bool) -> dict:
         rounds.append({"round": 0, "checkpoint": str(teacher)})
     else:
         folder = round_folder(cfg, 0)
-        final = _finished(folder, iterations) if not restart else None
+        round_cfg = round_config(cfg, 0, None)
+        final = _finished(folder, planned_iterations(round_cfg, processes)) if not restart else None
         if final is None:
-            final = _train(round_config(cfg, 0, None), restart, progress)
+            final = _train(round_cfg, restart, progress)
         teacher = folder.latest
         rounds.append({"round": 0, "checkpoint": str(teacher), **_scores(final)})
     final = None
     for k in range(1, len(cfg.scheme.alpha) + 1):
         round_cfg = round_config(cfg, k, teacher)
         folder = round_folder(cfg, k)
-        final = None if restart else _finished(folder, iterations)
+        final = None if restart else _finished(folder, planned_iterations(round_cfg, processes))
         stats = pseudo_label_round(cfg, k, teacher, progress, restart=restart)
         if final is None:
             final = _train(round_cfg, restart, progress)

@@ -206,7 +206,19 @@ class Policy:
             target=target.masked_fill(~valid, IGNORE_INDEX),
             weight=weight.float().masked_fill(~valid, 0.0),
             confidence=confidence.float(),
+            extra=self._extra(valid, detections),
         )
+
+    def _extra(self, valid: Tensor, detections: Tensor | None) -> dict[str, Tensor]:
+        """Per-pixel data of the last call that travels with its pseudo labels (pasted with
+        them): a `normaliser` [B,H,W] whose sum over a view's valid pixels divides the
+        unlabeled loss instead of their count, `detections` a policy needs on the student's
+        view. None by default."""
+        return {}
+
+    def learn_from_student(self, features: Tensor, pl: PseudoLabels, valid: Tensor) -> None:
+        """Statistics from the student's features [B,D,h,w] on a (pasted) view, with that
+        view's pseudo labels and valid pixels [B,H,W]; most policies keep none."""
 
     def _select(self, probs: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(confidence, target, weight), each [B,H,W], for float32 `probs` [B,C,H,W].

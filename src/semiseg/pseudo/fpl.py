@@ -33,7 +33,12 @@ from torch import Tensor
 
 from semiseg.labels import IGNORE_INDEX
 from semiseg.pseudo.base import PseudoLabels
-from semiseg.pseudo.unlabeled_loss import LossOptions, UnlabeledLoss, weighted_cross_entropy
+from semiseg.pseudo.unlabeled_loss import (
+    LossOptions,
+    UnlabeledLoss,
+    denominator,
+    weighted_cross_entropy,
+)
 
 Variant = Literal["paper", "official"]
 Shape = Literal["concave", "linear", "convex"]
@@ -272,9 +277,11 @@ class FPLOptions(LossOptions):
     """Steepness of the concave adaptive weight (Eq. 11)."""
     variant: Variant = "paper"
     """As in the paper or as in the released code (K <= 3, >= T, top-(K+1) mean)."""
-    rescale: bool = False
-    """Scale the loss by the detached ratio CE / FPL so its value equals the cross-entropy
-    loss, as the released CPS code does (the gradient direction stays FPL's)."""
+    rescale: Literal["off", "each", "joint"] = "off"
+    """Scale the loss by a detached ratio so that its value is a cross-entropy's (the gradient
+    direction stays FPL's): 'each' view to its own weighted cross-entropy (the released AEL
+    code); 'joint' all of a step's views by one factor, to their plain mean cross-entropy
+    with the pseudo label (the released CPS code: CE(s1, ps2) + CE(s2, ps1))."""
 
     def validate(self) -> None:
         super().validate()
@@ -316,15 +323,37 @@ class FuzzyPositiveLoss(UnlabeledLoss):
             weight = weight * adaptive_weight(probs, positive, o.A, o.adaptive_weight, o.variant)
         return PseudoLabels(pl.target, weight, pl.confidence, {**pl.extra, "positive": positive})
 
+    def __init__(self, options: FPLOptions | None = None):
+        super().__init__(options)
+        self._pending: list[tuple[Tensor, Tensor]] = []
+
     def __call__(self, logits: Tensor, pl: PseudoLabels, valid: Tensor) -> Tensor:
         weight = pl.weight * valid
-        loss = (
-            fuzzy_positive_loss(logits, pl.extra["positive"]) * weight
-        ).sum() / valid.sum().clamp(min=1)
-        if self.options.rescale:
-            ce = weighted_cross_entropy(logits, pl.target, weight, valid)
+        denom = denominator(pl, valid)
+        if denom is None:
+            denom = valid.sum().clamp(min=1)
+        loss = (fuzzy_positive_loss(logits, pl.extra["positive"]) * weight).sum() / denom
+        if self.options.rescale == "each":
+            ce = weighted_cross_entropy(logits, pl.target, weight, valid, denominator(pl, valid))
             loss = loss * (ce.detach() / loss.detach().clamp(min=1e-12))
+        elif self.options.rescale == "joint":
+            if bool((pl.target != IGNORE_INDEX).any()):
+                plain = F.cross_entropy(
+                    logits.float(), pl.target, ignore_index=IGNORE_INDEX
+                ).detach()
+            else:
+                plain = loss.detach() * 0.0
+            self._pending.append((loss.detach(), plain))
         return loss
+
+    def combine(self, terms: dict[str, Tensor]) -> dict[str, Tensor]:
+        if self.options.rescale != "joint":
+            return terms
+        fpl = sum(value for value, _ in self._pending)
+        ce = sum(value for _, value in self._pending)
+        self._pending = []
+        factor = ce / fpl.clamp(min=1e-12)
+        return {key: value * factor for key, value in terms.items()}
 
     def diagnostics(self, pl: PseudoLabels, valid: Tensor) -> dict[str, Tensor | float]:
         return k_histogram(pl.extra["positive"], valid)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from semiseg.labels import IGNORE_INDEX
-from semiseg.pseudo.base import Policy, PolicyContext, PolicyOptions
+from semiseg.pseudo.base import Policy, PolicyContext, PolicyOptions, PseudoLabels
 from semiseg.pseudo.detector import DetectorOptions
 from semiseg.pseudo.memory import FeatureBank, Gather, combined_prototypes
 from semiseg.pseudo.threshold import PowerPolicy, ThresholdPolicy
@@ -217,8 +217,11 @@ class RankWeighting(Policy):
     (the weak view's, at decoder resolution; labels and masks are taken nearest-neighbour on
     that grid), and at most `per_update` random features per class and step enter a bank (8,
     the released code's VOC batch size; None: up to a bank's worth).
-    `variant="official"`: W = 1 + s/k and only correctly predicted labeled pixels with
-    confidence > 0.95 enter the labeled bank, as in the released code.
+    `variant="official"` is the released code: W = 1 + s/k; only correctly predicted labeled
+    pixels with confidence > 0.95 enter the labeled bank; each view's loss is divided by
+    sum(W x valid) instead of its number of valid pixels (the `normaliser` its pseudo labels
+    carry); and the reliable pixels of the unlabeled bank are the student's strong-view
+    features (`learn_from_student`), not the teacher's weak-view ones.
     """
 
     name = "rankweight"
@@ -289,6 +292,7 @@ class RankWeighting(Policy):
         self.labeled_bank: FeatureBank | None = None
         self.unlabeled_bank: FeatureBank | None = None
         self._logs: dict[str, float] = {}
+        self._last_extra: dict[str, Tensor] = {}
 
     def _banks(self, dim: int) -> tuple[FeatureBank, FeatureBank]:
         if self.labeled_bank is None or self.unlabeled_bank is None:
@@ -340,6 +344,9 @@ class RankWeighting(Policy):
             "mean_rank_weight": float(w[used].mean()) if bool(used.any()) else float("nan"),
             "prototypes": float(prototype_valid.sum()),
         }
+        official = self.variant == "official"
+        # The released code divides each view's loss by sum(W x valid) instead of #valid.
+        self._last_extra = {"normaliser": w} if official else {}
         if self.rppi:
             if detections is None:
                 raise ValueError(
@@ -350,11 +357,34 @@ class RankWeighting(Policy):
                 & self.inside_box(target, detections)
                 & (confidence >= self.reliable_threshold)
             )
-            size = tuple(features.shape[-2:])
-            on_grid = _to_grid(reliable, size)
-            unlabeled.push(_pixels(features, on_grid), _to_grid(target, size)[on_grid])
+            if official:
+                # The released code fills its bank from the student's strong views instead.
+                self._last_extra["detections"] = detections
+            else:
+                self._push_reliable(features, target, reliable)
             self._logs["reliable_fraction"] = float(reliable.sum() / valid.sum().clamp(min=1))
         return confidence, target, base_weight * w
+
+    def _push_reliable(self, features: Tensor, target: Tensor, reliable: Tensor) -> None:
+        _, unlabeled = self._banks(features.shape[1])
+        size = tuple(features.shape[-2:])
+        on_grid = _to_grid(reliable, size)
+        unlabeled.push(_pixels(features, on_grid), _to_grid(target, size)[on_grid])
+
+    def _extra(self, valid: Tensor, detections: Tensor | None) -> dict[str, Tensor]:
+        return dict(self._last_extra)
+
+    def learn_from_student(self, features: Tensor, pl: PseudoLabels, valid: Tensor) -> None:
+        """`variant="official"` with RPPI: the reliable pixels of a student's (pasted) strong
+        view enter the unlabeled bank, with their pseudo labels: inside a detected box of
+        their class, teacher confidence >= reliable_threshold (the released code: 0.95)."""
+        if not (self.rppi and self.variant == "official") or "detections" not in pl.extra:
+            return
+        reliable = valid & self.inside_box(
+            pl.target.clamp(max=self.num_classes - 1), pl.extra["detections"]
+        )
+        reliable &= (pl.confidence >= self.reliable_threshold) & (pl.target != IGNORE_INDEX)
+        self._push_reliable(features, pl.target, reliable)
 
     def inside_box(self, target: Tensor, detections: Tensor) -> Tensor:
         """bool [B,H,W]: the pixel lies in a detected box of its pseudo class (RPPI criterion 1)."""

@@ -23,8 +23,11 @@ from semiseg.options import ComponentOptions
 from semiseg.pseudo.base import PseudoLabels
 
 
-def weighted_cross_entropy(logits: Tensor, target: Tensor, weight: Tensor, valid: Tensor) -> Tensor:
-    """sum(CE * weight) / #valid pixels: UniMatch's normalisation of the unlabeled loss.
+def weighted_cross_entropy(
+    logits: Tensor, target: Tensor, weight: Tensor, valid: Tensor, denominator: Tensor | None = None
+) -> Tensor:
+    """sum(CE * weight) / #valid pixels: UniMatch's normalisation of the unlabeled loss
+    (`denominator` replaces the count).
 
     logits [B,C,H,W]; target [B,H,W] (255 allowed where weight is 0); weight [B,H,W] float
     (0 = unused); valid [B,H,W] bool, the pixels that count in the denominator (not padding).
@@ -32,7 +35,9 @@ def weighted_cross_entropy(logits: Tensor, target: Tensor, weight: Tensor, valid
     most pixels from inflating the few it keeps.
     """
     per_pixel = F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX, reduction="none")
-    return (per_pixel * weight).sum() / valid.sum().clamp(min=1)
+    if denominator is None:
+        denominator = valid.sum().clamp(min=1)
+    return (per_pixel * weight).sum() / denominator
 
 
 @dataclass
@@ -72,8 +77,14 @@ class UnlabeledLoss:
         return pl
 
     def __call__(self, logits: Tensor, pl: PseudoLabels, valid: Tensor) -> Tensor:
-        """sum over pixels of (per-pixel loss x pl.weight) / #valid pixels of the view."""
+        """sum over pixels of (per-pixel loss x pl.weight) / #valid pixels of the view (or the
+        sum of the policy's `normaliser` over them, see `Policy._extra`)."""
         raise NotImplementedError
+
+    def combine(self, terms: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A step's unlabeled terms (this loss's values), before the scheme weights and adds
+        them: a loss that rescales them together does it here. As they are by default."""
+        return terms
 
     def diagnostics(self, pl: PseudoLabels, valid: Tensor) -> dict[str, Tensor | float]:
         """Scalars of the teaching signal worth logging each step."""
@@ -105,4 +116,15 @@ class CrossEntropyLoss(UnlabeledLoss):
     summary = "cross-entropy with the policy's pseudo label"
 
     def __call__(self, logits: Tensor, pl: PseudoLabels, valid: Tensor) -> Tensor:
-        return weighted_cross_entropy(logits, pl.target, pl.weight * valid, valid)
+        return weighted_cross_entropy(
+            logits, pl.target, pl.weight * valid, valid, denominator(pl, valid)
+        )
+
+
+def denominator(pl: PseudoLabels, valid: Tensor) -> Tensor | None:
+    """What a view's summed loss is divided by instead of its number of valid pixels: the sum
+    of the pseudo labels' `normaliser` over them (the released rank-weighting code's
+    sum(W x valid)); None (the count) without one."""
+    if "normaliser" not in pl.extra:
+        return None
+    return (pl.extra["normaliser"] * valid).sum().clamp(min=1e-12)

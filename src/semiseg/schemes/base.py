@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from semiseg.losses import LABELED_LOSSES
 from semiseg.models.ema import ModelEMA
 from semiseg.models.segmentor import unwrap
 from semiseg.options import ComponentOptions, ConfigError, Options
@@ -108,6 +109,7 @@ class Scheme:
         self.options = cfg.scheme
         self.models = models
         self.num_classes = num_classes
+        self.labeled_loss = LABELED_LOSSES.get(cfg.labeled_loss.name)(cfg.labeled_loss)
         decay = getattr(self.options, "ema_decay", 0.0)
         self.ema = ModelEMA(unwrap(models[self.model_names[0]]), decay) if decay > 0 else None
 

@@ -6,11 +6,10 @@ is the other network's target.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from semiseg.losses import cross_entropy
 from semiseg.schemes.base import EvalEMAOptions, StepOutput, Views
 from semiseg.schemes.semi import SemiOptions, SemiScheme, UnsupervisedWeightOptions, paste
 
@@ -18,12 +17,18 @@ from semiseg.schemes.semi import SemiOptions, SemiScheme, UnsupervisedWeightOpti
 @dataclass
 class CPSOptions(SemiOptions, EvalEMAOptions, UnsupervisedWeightOptions):
     name: str = "cps"
+    # CPS's own CutMix (TorchSemiSeg's BoxMaskGenerator, which the released CPS and FPL code
+    # apply to every unlabeled image): 3 XOR-combined boxes covering 0.25-0.5 of the crop.
+    cutmix_p: float = 1.0
+    cutmix_boxes: int = 3
+    cutmix_area: list[float] | None = field(default_factory=lambda: [0.25, 0.5])
 
 
 class CPSScheme(SemiScheme):
     """loss = CE_a(x) + CE_b(x) + unsup_weight * (L(a_u, pseudo(b)) + L(b_u, pseudo(a))).
 
-    Both students see the weak unlabeled view with a CutMix box from the mix-source batch;
+    Both students see the weak unlabeled view with CPS's CutMix boxes (the defaults:
+    every view mixed, 3 XOR-combined boxes over 0.25-0.5 of the crop) from the mix-source batch;
     the targets are the other student's predictions on the two source batches, mixed with
     the same box. Teacher predictions are made without gradient in train mode, as in the
     CPS code. The first student is evaluated. The policy labels for both directions, so a
@@ -61,13 +66,22 @@ class CPSScheme(SemiScheme):
         losses = {}
         for name, other in zip(self.model_names, reversed(self.model_names), strict=True):
             logits_x, logits_u = outs[name].logits[:n], outs[name].logits[n:]
-            losses[f"loss_x_{name}"] = cross_entropy(logits_x, y)
+            losses[f"loss_x_{name}"] = self.labeled_loss(logits_x, y)
             # The first student's scores stand for the pair, like its policy diagnostics.
             oracle = u.get("oracle_mask") if name == "student" else None
             losses[f"loss_u_{name}"], scores = teaching.cutmix_loss(
-                logits_u, *labels[other], u["valid"], mix["valid"], box, oracle
+                logits_u,
+                *labels[other],
+                u["valid"],
+                mix["valid"],
+                box,
+                oracle,
+                features=outs[name].features[n:],
             )
             logs.update(scores)
+        losses.update(
+            teaching.combine({f"loss_u_{m}": losses[f"loss_u_{m}"] for m in self.model_names})
+        )
         weight = self.options.unsup_weight
         total = sum(
             losses[f"loss_x_{m}"] + weight * losses[f"loss_u_{m}"] for m in self.model_names

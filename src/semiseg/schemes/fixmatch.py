@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 import torch
 
-from semiseg.losses import cross_entropy
 from semiseg.schemes.base import EvalEMAOptions, StepOutput, Views
 from semiseg.schemes.semi import SemiOptions, SemiScheme, paste
 
@@ -41,13 +40,21 @@ class FixMatchScheme(SemiScheme):
         n = x.shape[0]
         out = model(torch.cat([x, u["image"]]))
         strong = paste(u["strong1"], mix["strong1"], u["box1"])
-        logits_s = model(strong).logits
+        out_s = model(strong)
         teaching.observe(out.rows(slice(None, n)), y)
         pl, pl_mix = teaching.label(out.rows(slice(n, None)), u, out_mix, mix)
-        loss_x = cross_entropy(out.logits[:n], y)
+        loss_x = self.labeled_loss(out.logits[:n], y)
         loss_s, logs = teaching.cutmix_loss(
-            logits_s, pl, pl_mix, u["valid"], mix["valid"], u["box1"], u.get("oracle_mask")
+            out_s.logits,
+            pl,
+            pl_mix,
+            u["valid"],
+            mix["valid"],
+            u["box1"],
+            u.get("oracle_mask"),
+            features=out_s.features,
         )
+        loss_s = teaching.combine({"loss_s": loss_s})["loss_s"]
         logs.update({"loss_x": loss_x.detach(), "loss_s": loss_s.detach()})
         logs.update(teaching.diagnostics(pl, u["valid"], u.get("oracle_mask")))
         return StepOutput((loss_x + loss_s) / 2, logs)

@@ -8,7 +8,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from semiseg.losses import cross_entropy
 from semiseg.models.ema import ModelEMA
 from semiseg.schemes.base import StepOutput, Views, unwrap
 from semiseg.schemes.semi import (
@@ -66,10 +65,18 @@ class MeanTeacherScheme(SemiScheme):
         pl, pl_mix = teaching.label(
             teacher_out.rows(slice(None, n_u)), u, teacher_out.rows(slice(n_u, None)), mix
         )
-        loss_x = cross_entropy(logits_x, y)
+        loss_x = self.labeled_loss(logits_x, y)
         loss_u, logs = teaching.cutmix_loss(
-            logits_s, pl, pl_mix, u["valid"], mix["valid"], u["box1"], u.get("oracle_mask")
+            logits_s,
+            pl,
+            pl_mix,
+            u["valid"],
+            mix["valid"],
+            u["box1"],
+            u.get("oracle_mask"),
+            features=out.features[n:],
         )
+        loss_u = teaching.combine({"loss_u": loss_u})["loss_u"]
         logs.update({"loss_x": loss_x.detach(), "loss_u": loss_u.detach()})
         logs.update(teaching.diagnostics(pl, u["valid"], u.get("oracle_mask")))
         return StepOutput(loss_x + self.options.unsup_weight * loss_u, logs)

@@ -38,6 +38,13 @@ class SelfTrainingOptions(SchemeOptions, EvalEMAOptions, AuxOptions):
     """Average the teacher's logits over a horizontal flip (the released DARS code does)."""
     variant: Literal["paper", "official"] = "paper"
     """'official': the released code's CBST (+1 pixel), per-image DARS sampling, float16 softmax."""
+    continue_schedule: bool = False
+    """Round k's poly schedule goes on where round k-1's would have left it (the released
+    code's epoch counter); off: every round starts the schedule afresh."""
+    teacher_size: int | None = None
+    """The teacher predicts the unlabeled images with their longer side resized to this
+    before its sliding windows (the released Cityscapes crop-361 generators: 1024); None:
+    at the evaluation settings of the teacher's run."""
 
     def validate(self) -> None:
         super().validate()
@@ -78,7 +85,9 @@ class SelfTrainingScheme(Scheme):
         out = self.models["student"](torch.cat([labeled["image"], unlabeled["image"]]))
         weight = self.options.aux_weight
         parts = [
-            supervised_loss(out.rows(slice(None, n)), labeled["mask"], weight, "x"),
+            supervised_loss(
+                out.rows(slice(None, n)), labeled["mask"], weight, "x", self.labeled_loss
+            ),
             supervised_loss(out.rows(slice(n, None)), unlabeled["mask"], weight, "p"),
         ]
         return StepOutput(parts[0].loss + parts[1].loss, {**parts[0].logs, **parts[1].logs})

@@ -10,7 +10,7 @@ reads detector boxes, and `oracle_mask` only under `scheme.oracle_eval`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from torch import nn
 
@@ -32,6 +32,14 @@ class SemiOptions(SchemeOptions):
     cutmix_side: list[float] | None = None
     """[lo, hi]: each box's height and width are fractions uniform in [lo, hi] of the crop's
     (STPG: [0.25, 0.5]); None: UniMatch's box, area 0.02-0.4 of the crop."""
+    cutmix_area: list[float] | None = None
+    """[lo, hi]: CPS's boxes instead (TorchSemiSeg's BoxMaskGenerator: each of the
+    `cutmix_boxes` boxes covers p / cutmix_boxes of the crop, p uniform in [lo, hi], random
+    aspect ratio, XOR-combined; CPS and FPL: 3 boxes, [0.25, 0.5], cutmix_p 1)."""
+    cutmix_source: Literal["independent", "same_image"] = "independent"
+    """What a view is pasted from: a second, independently drawn unlabeled batch, or (the
+    released UniMatch, DAW, rank-weighting, CPS and FPL code, which zip a loader with itself)
+    another augmentation of the same images."""
     oracle_eval: bool = False
     """Research diagnostics: read the unlabeled images' masks (if every line has one) to log
     pseudo-label accuracy of used and discarded pixels. They never enter a loss."""
@@ -45,6 +53,17 @@ class SemiOptions(SchemeOptions):
             side is None or (len(side) == 2 and 0 < side[0] <= side[1] <= 1),
             "cutmix_side",
             "must be [lo, hi] with 0 < lo <= hi <= 1",
+        )
+        area = self.cutmix_area
+        self.require(
+            area is None or (len(area) == 2 and 0 < area[0] <= area[1] <= 1),
+            "cutmix_area",
+            "must be [lo, hi] with 0 < lo <= hi <= 1",
+        )
+        self.require(
+            area is None or side is None,
+            "cutmix_area",
+            "and cutmix_side are two box shapes: give one",
         )
 
 

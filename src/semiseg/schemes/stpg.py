@@ -34,7 +34,6 @@ from torch import Tensor, nn
 
 from semiseg.distributed import all_gather_pairs
 from semiseg.labels import IGNORE_INDEX
-from semiseg.losses import cross_entropy
 from semiseg.models.ema import ModelEMA
 from semiseg.models.segmentor import SegmentationOutput
 from semiseg.pseudo import PseudoLabels
@@ -170,7 +169,7 @@ class STPGScheme(SemiScheme):
         teaching.observe(student_out["student"].rows(slice(None, n_x)), y)
 
         losses = {
-            f"loss_x_{name}": cross_entropy(out.logits[:n_x], y)
+            f"loss_x_{name}": self.labeled_loss(out.logits[:n_x], y)
             for name, out in student_out.items()
         }
         # General module (Eq. 11): Gen-Student learns every Pro-Teacher pseudo label.
@@ -185,6 +184,8 @@ class STPGScheme(SemiScheme):
         scores = mismatch_scores(pred_pro, professional.target, self.num_classes)
         chosen = selection_mask(pred_pro, professional.target, scores, st.selection)
         losses["loss_u_pro"] = self._weighted(pro_logits, professional, valid & chosen, valid)
+        teaching.learn_from_student(student_out["student"].features[n_x:], general, valid)
+        losses.update(teaching.combine({k: losses[k] for k in ("loss_u_gen", "loss_u_pro")}))
         total = sum(losses[f"loss_x_{n}"] for n in self.model_names) + st.lambda_u * (
             losses["loss_u_gen"] + losses["loss_u_pro"]
         )

@@ -6,16 +6,21 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from semiseg.losses import cross_entropy
+from semiseg.losses import LabeledLoss, cross_entropy
 from semiseg.models.segmentor import SegmentationOutput
 from semiseg.schemes.base import AuxOptions, EvalEMAOptions, Scheme, SchemeOptions, StepOutput
 
 
 def supervised_loss(
-    out: SegmentationOutput, mask: Tensor, aux_weight: float, suffix: str = "x"
+    out: SegmentationOutput,
+    mask: Tensor,
+    aux_weight: float,
+    suffix: str = "x",
+    main: LabeledLoss | None = None,
 ) -> StepOutput:
-    """CE of the logits against `mask`, plus `aux_weight` x CE of the auxiliary head (PSPNet)."""
-    loss_main = cross_entropy(out.logits, mask)
+    """The labeled loss `main` (cross-entropy by default) of the logits against `mask`, plus
+    `aux_weight` x CE of the auxiliary head (PSPNet)."""
+    loss_main = main(out.logits, mask) if main is not None else cross_entropy(out.logits, mask)
     loss = loss_main
     logs = {f"loss_{suffix}": loss_main.detach()}
     if out.aux is not None:
@@ -41,6 +46,7 @@ class SupervisedScheme(Scheme):
     def training_step(
         self, labeled: dict, unlabeled: dict | None, mix: dict | None, iteration: int
     ) -> StepOutput:
+        out = self.models["student"](labeled["image"])
         return supervised_loss(
-            self.models["student"](labeled["image"]), labeled["mask"], self.options.aux_weight
+            out, labeled["mask"], self.options.aux_weight, main=self.labeled_loss
         )

@@ -85,19 +85,31 @@ class Teaching:
         valid_mix: Tensor,
         box: Tensor,
         oracle: Tensor | None = None,
+        features: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor | float]]:
         """Unlabeled loss of a CutMix view: targets, weights and valid pixels pasted with `box`;
         with `oracle` (the unlabeled batch's ground truth, under `scheme.oracle_eval`) also
         the loss's oracle diagnostics on the pixels outside the box (the pasted source batch
-        has no ground truth)."""
+        has no ground truth). `features`: the student's features on the view, for a policy
+        that learns from them (`learn_from_student`)."""
         target = pl.pasted(pl_mix, box)
         valid_view = paste(valid, valid_mix, box)
+        if features is not None:
+            self.learn_from_student(features, target, valid_view)
         logs: dict[str, Tensor | float] = {}
         if oracle is not None:
             logs = self.loss.oracle_diagnostics(
                 logits.detach(), target, oracle.masked_fill(box | ~valid_view, IGNORE_INDEX)
             )
         return self.loss(logits, target, valid_view), logs
+
+    def learn_from_student(self, features: Tensor, pl: PseudoLabels, valid: Tensor) -> None:
+        """The policy's statistics from the student's features on a view with its labels."""
+        self.policy.learn_from_student(features.detach(), pl, valid)
+
+    def combine(self, terms: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A step's unlabeled terms, as the loss combines them (FPL's joint rescaling)."""
+        return self.loss.combine(terms)
 
     def diagnostics(
         self, pl: PseudoLabels, valid: Tensor, oracle: Tensor | None

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 
 import torch
 
-from semiseg.losses import cross_entropy
 from semiseg.schemes.base import EvalEMAOptions, StepOutput, Views
 from semiseg.schemes.semi import SemiOptions, SemiScheme, paste
 
@@ -49,18 +48,28 @@ class UniMatchScheme(SemiScheme):
         logits_fp = perturbed.logits[n:]
         strong1 = paste(u["strong1"], mix["strong1"], u["box1"])
         strong2 = paste(u["strong2"], mix["strong2"], u["box2"])
-        logits_s1, logits_s2 = model(torch.cat([strong1, strong2])).logits.chunk(2)
+        out_s = model(torch.cat([strong1, strong2]))
+        logits_s1, logits_s2 = out_s.logits.chunk(2)
+        features_s1, features_s2 = out_s.features.chunk(2)
 
         teaching.observe(clean.rows(slice(None, n)), y)
         pl, pl_mix = teaching.label(clean.rows(slice(n, None)), u, out_mix, mix)
-        losses = {"loss_x": cross_entropy(logits_x, y)}
+        losses = {"loss_x": self.labeled_loss(logits_x, y)}
         losses["loss_s1"], logs = teaching.cutmix_loss(
-            logits_s1, pl, pl_mix, u["valid"], mix["valid"], u["box1"], u.get("oracle_mask")
+            logits_s1,
+            pl,
+            pl_mix,
+            u["valid"],
+            mix["valid"],
+            u["box1"],
+            u.get("oracle_mask"),
+            features=features_s1,
         )
         losses["loss_s2"], _ = teaching.cutmix_loss(
-            logits_s2, pl, pl_mix, u["valid"], mix["valid"], u["box2"]
+            logits_s2, pl, pl_mix, u["valid"], mix["valid"], u["box2"], features=features_s2
         )
         losses["loss_fp"] = teaching.loss(logits_fp, pl, u["valid"])
+        losses.update(teaching.combine({k: losses[k] for k in ("loss_s1", "loss_s2", "loss_fp")}))
         loss = (
             losses["loss_x"]
             + 0.25 * losses["loss_s1"]
