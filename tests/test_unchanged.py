@@ -1,6 +1,7 @@
 """Behaviour kept: the numbers today's schemes, policies and losses compute, frozen.
 
-`tests/data/reference_values.json` holds, recorded before the component redesign:
+`tests/data/reference_values.json` holds, recorded before the component redesign (the AVX2
+record; the AVX512 one with the code of commit 0745536, which reproduced it exactly there):
 
 - `steps`: the total loss and every logged scalar of the first five optimiser steps of
   each CamVid CPU preset's scheme (and a few variants: official policy/loss variants, STPG
@@ -11,10 +12,16 @@
 - `pseudo_labels`: the class counts of `semiseg pseudo-label` (every generator and variant)
   on the synthetic unlabeled set with one fixed teacher.
 
-The comparison is exact where the recording's machine fingerprint (torch version, CPU
-kernel family) matches this one: the same kernels give the same bits. Elsewhere floats may
-differ in their last bits (earlier sessions saw it across machines), so it falls back to a
-tight relative tolerance. `python tests/test_unchanged.py --record` rewrites the file.
+The file holds one record per machine fingerprint (torch version, CPU kernel family), and
+the comparison is exact against the record of this machine's: the same kernels give the same
+bits. Across fingerprints it is not: last-bit differences grow over a few SGD steps until a
+pixel crosses a threshold, and from then on the tiny model's losses, a trained teacher's
+pseudo-label counts and DAW's fits part ways (an AVX512 and an AVX2 machine differ by 5 % at
+step 5 with the same code). On a machine without a record only the first `FOREIGN_STEPS`
+steps are compared, with a tight relative tolerance. `python tests/test_unchanged.py
+--record` adds (or replaces) this machine's record: run it with the code of a commit whose
+numbers are the reference, never to make a change pass. An entry a record lacks (re-recorded
+on another machine after an intended change) is skipped there with a warning.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import json
 import math
 import platform
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -33,6 +41,7 @@ REFERENCE = HERE / "data" / "reference_values.json"
 REPO = HERE.parent
 CAMVID_PRESETS = sorted(p.name for p in (REPO / "configs").glob("*camvid-1_8_cpu*.yaml"))
 STEPS = 5
+FOREIGN_STEPS = 2
 
 sys.path.insert(0, str(HERE))
 from conftest import tiny_config  # noqa: E402
@@ -54,7 +63,7 @@ VARIANTS = {
     ),
     "cps-fpl-official-rescale": (
         "cps-fpl_deeplabv3plus-effl0_camvid-1_8_cpu.yaml",
-        ["loss.variant=official", "loss.rescale=true", "loss.adaptive_weight=convex"],
+        ["loss.variant=official", "loss.rescale=each", "loss.adaptive_weight=convex"],
     ),
     "fixmatch-ael": ("fixmatch_deeplabv3plus-effl0_camvid-1_8_cpu.yaml", ["policy.name=ael"]),
     "unimatch-ppw-official-cosine": (
@@ -137,6 +146,8 @@ def _synthetic_overrides(root: Path, out: Path) -> list[str]:
         # numbers the redesign had to keep.
         "train.amp=off",
         "train.channels_last=false",
+        "model.decoder=standard",
+        "model.decoder_channels=256",
         "eval.tail_classes=[1,4]",
         f"output_dir={out}",
     ]
@@ -405,14 +416,53 @@ def _compare(expected, actual, where: str, exact: bool) -> list[str]:
     return [] if expected == actual else [f"{where}: {expected!r} recorded, {actual!r} now"]
 
 
+def records() -> list[dict]:
+    return json.loads(REFERENCE.read_text())["records"]
+
+
+def comparisons(actual: dict) -> tuple[list[str], list[str]]:
+    """(problems, entries skipped) of `actual` against the records."""
+    found = records()
+    own = [r for r in found if r["fingerprint"] == actual["fingerprint"]]
+    exact = bool(own)
+    record = own[0] if own else found[0]
+    problems, skipped = [], []
+    for part in ("steps", "runs", "pseudo_labels"):
+        if not exact and part != "steps":
+            continue
+        for name, value in actual[part].items():
+            if name not in record[part]:
+                if any(name in r[part] for r in found):
+                    skipped.append(f"{part}.{name}")
+                else:
+                    problems.append(f"{part}.{name}: recorded on no machine (--record)")
+                continue
+            expected = record[part][name]
+            if not exact:
+                expected, value = expected[:FOREIGN_STEPS], value[:FOREIGN_STEPS]
+            problems += _compare(expected, value, f"{part}.{name}", exact)
+        problems += [
+            f"{part}.{name}: recorded, not computed"
+            for name in record[part]
+            if name not in actual[part]
+        ]
+    return problems, skipped
+
+
 @pytest.mark.filterwarnings("ignore:policy.threshold")
 def test_losses_and_pseudo_labels_are_the_recorded_ones(tmp_path):
-    recorded = json.loads(REFERENCE.read_text())
     actual = compute(tmp_path)
-    exact = recorded["fingerprint"] == actual["fingerprint"]
-    problems = []
-    for part in ("steps", "runs", "pseudo_labels"):
-        problems += _compare(recorded[part], actual[part], part, exact)
+    problems, skipped = comparisons(actual)
+    known = [r["fingerprint"] for r in records()]
+    exact = actual["fingerprint"] in known
+    if not exact:
+        warnings.warn(
+            f"no record for {actual['fingerprint']} (recorded: {known}): only the first "
+            f"{FOREIGN_STEPS} steps compared, with a tolerance",
+            stacklevel=1,
+        )
+    if skipped:
+        warnings.warn(f"not recorded on this machine, skipped: {skipped}", stacklevel=1)
     assert not problems, f"{len(problems)} values changed (exact: {exact}):\n" + "\n".join(
         problems[:30]
     )
@@ -425,6 +475,9 @@ if __name__ == "__main__":
 
     with tempfile.TemporaryDirectory() as tmp:
         values = compute(Path(tmp))
-    REFERENCE.parent.mkdir(exist_ok=True)
-    REFERENCE.write_text(json.dumps(values, indent=1, sort_keys=True) + "\n")
-    print(f"wrote {REFERENCE}")
+    kept = [r for r in records() if r["fingerprint"] != values["fingerprint"]]
+    text = json.dumps({"records": [*kept, values]}, indent=1, sort_keys=True) + "\n"
+    partial = REFERENCE.with_suffix(".tmp")
+    partial.write_text(text)
+    partial.replace(REFERENCE)
+    print(f"wrote the record of {values['fingerprint']} to {REFERENCE}")
