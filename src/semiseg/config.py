@@ -138,7 +138,7 @@ class TrainConfig:
     """'auto' (cuda when available), 'cpu', 'cuda' or 'cuda:N'; under torchrun each process takes its LOCAL_RANK GPU."""
     amp: Literal["auto", "off", "fp16", "bf16"] = "auto"
     """Mixed precision: 'auto' is bf16 on GPUs that have it (else fp16) and on CPUs with
-    native bf16 (AVX512-BF16, AMX), fp32 elsewhere (`semiseg.precision`); 'off' is fp32."""
+    AMX bf16 tiles, fp32 elsewhere (`semiseg.precision`); 'off' is fp32."""
     channels_last: bool = True
     """Convolutional networks and their inputs in channels-last memory layout (faster
     convolutions on CPUs and on GPUs with tensor cores; same results up to rounding)."""

@@ -1,8 +1,10 @@
 """Mixed precision and memory layout: what `train.amp: auto` and `train.channels_last` pick.
 
 `auto` is bf16 on a CUDA device that supports it, else fp16 (with a gradient scaler), and on
-a CPU bf16 only where the processor computes it natively (AVX512-BF16 or AMX); elsewhere a
-CPU emulates bf16 and is slower than fp32, so `auto` is fp32 there.
+a CPU bf16 only where the processor has AMX tiles for it; elsewhere `auto` is fp32. A CPU
+without bf16 emulates it, and one with AVX512-BF16 but no AMX is slower in bf16 too: on such
+a Xeon (benchmarks/results/step_speed.md) bf16 ran every scheme's step at 0.81-0.88x of fp32,
+and channels-last fp32 is the fast setting there.
 
 What autocast leaves in float32, and why: the losses (`cross_entropy` and every unlabeled
 loss cast the logits to float32), the teacher probabilities every policy reads
@@ -20,11 +22,11 @@ from pathlib import Path
 import torch
 
 AMP_DTYPES = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}
-_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+_BF16_FLAGS = ("amx_bf16",)
 
 
 def cpu_has_native_bf16() -> bool:
-    """The processor has bf16 arithmetic (AVX512-BF16 or AMX), read from /proc/cpuinfo."""
+    """The processor has fast bf16 matrix arithmetic (AMX), read from /proc/cpuinfo."""
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
         flags = set()
@@ -32,9 +34,8 @@ def cpu_has_native_bf16() -> bool:
             if line.startswith("flags"):
                 flags.update(line.split(":", 1)[1].split())
         return any(flag in flags for flag in _BF16_FLAGS)
-    # No /proc (macOS, Windows): ask PyTorch's CPU feature probe where it has one.
-    probe = getattr(getattr(torch._C, "_cpu", None), "_is_avx512_bf16_supported", None)
-    return bool(probe()) if probe is not None else False
+    # No /proc (macOS, Windows): fp32, the safe choice; `train.amp=bf16` forces bf16.
+    return False
 
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
