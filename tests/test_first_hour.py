@@ -435,6 +435,16 @@ def test_every_run_gets_training_curves_and_daw_gets_a_readable_t_star(synthetic
         assert (daw / "plots" / name).is_file(), name
 
 
+def test_equal_accuracy_series_are_drawn_once():
+    from semiseg.report import _same_series
+
+    # A 0/1-weight policy's weight-averaged accuracy is its used-label accuracy: one curve.
+    step = [{"a": 0.5, "w": 0.5}, {"a": 0.9, "w": 0.9}, {"x": 1.0}]
+    assert _same_series(step, "a", "w")
+    assert not _same_series([{"a": 0.5, "w": 0.45}], "a", "w")
+    assert not _same_series([{"x": 1.0}], "a", "w")
+
+
 @pytest.mark.parametrize("fmt", ["onnx", "torch-export", "torchscript"])
 def test_export_gives_the_pytorch_outputs(synthetic_root, tmp_path, fmt):
     from semiseg.export import DeployedSegmenter

@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -184,6 +185,11 @@ def plot_training_curves(records: list[dict], out: Path, title: str = "") -> Pat
     return _save(fig, out / "training_curves.png")
 
 
+def _same_series(records: list[dict], a: str, b: str) -> bool:
+    pairs = [(r[a], r[b]) for r in records if a in r and b in r]
+    return bool(pairs) and all(math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-9) for x, y in pairs)
+
+
 def plot_pseudo_label_curves(records: list[dict], out: Path) -> Path:
     """The share of unlabeled pixels used and, under oracle_eval, pseudo-label accuracy over
     training; DAW's t* on its own panel (its early, ill-conditioned values can lie far outside
@@ -196,6 +202,15 @@ def plot_pseudo_label_curves(records: list[dict], out: Path) -> Path:
         "weight-averaged accuracy": "oracle/acc_weighted",
     }
     present = {label: key for label, key in series.items() if any(key in r for r in train)}
+    used, weighted = "accuracy of used pseudo labels", "weight-averaged accuracy"
+    if (
+        used in present
+        and weighted in present
+        and _same_series(train, present[used], present[weighted])
+    ):
+        # 0/1 weights (a threshold, DAW's step function): one curve, or one would hide the other.
+        del present[weighted]
+        present[used + " (= weight-averaged)"] = present.pop(used)
     if not present:
         raise ValueError("no pseudo-label diagnostics in this run's metrics (a supervised run?)")
     thresholds = [(r["iteration"], r["policy/t"]) for r in train if "policy/t" in r]
