@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import csv
+import json
 
 import pytest
 import yaml
 from conftest import tiny_config
 
-from semiseg.bench import BenchGrid, RunResult, load_grid, run_config, summarize
+from semiseg.bench import (
+    BenchGrid,
+    RunResult,
+    load_grid,
+    markdown_table,
+    paired_gain,
+    run_config,
+    summarize,
+)
 from semiseg.cli import main
 from semiseg.config import ConfigError
+from semiseg.curves import paired_curve, rise_over_tail, val_curve
 
 
 def test_summary_means_spread_and_gain():
@@ -31,6 +41,44 @@ def test_summary_means_spread_and_gain():
     assert rows["x"]["sec_per_iter"] == pytest.approx(2.1)
 
 
+def test_paired_gain_and_own_baseline():
+    # Seed 2 of x is missing: the pairs are seeds 0 and 1 only. Per-seed gains over
+    # supervised are 3 and 5 points: mean 4, sample std sqrt(2), SE sqrt(2)/sqrt(2) = 1.
+    grid = BenchGrid(
+        name="g",
+        base="b.yaml",
+        output_dir="o",
+        methods={"supervised": [], "y": [], "x": []},
+        seeds=[0, 1, 2],
+        compare={"x": "y"},
+    )
+    results = [
+        RunResult("supervised", 0, 0.40, None, 1.0, 5),
+        RunResult("supervised", 1, 0.50, None, 1.0, 5),
+        RunResult("supervised", 2, 0.45, None, 1.0, 5),
+        RunResult("y", 0, 0.42, None, 1.0, 5),
+        RunResult("y", 1, 0.52, None, 1.0, 5),
+        RunResult("x", 0, 0.43, None, 1.0, 5),
+        RunResult("x", 1, 0.55, None, 1.0, 5),
+    ]
+    gain, se, n = paired_gain(results, "x", "supervised")
+    assert (gain, se, n) == (pytest.approx(4.0), pytest.approx(1.0), 2)
+    rows = {r["method"]: r for r in summarize(grid, results)}
+    assert rows["x"]["paired_gain"] == pytest.approx(4.0)
+    assert rows["x"]["paired_se"] == pytest.approx(1.0)
+    # x over its own baseline y: 1 and 3 points, mean 2, SE 1.
+    assert rows["x"]["own_baseline"] == "y"
+    assert rows["x"]["own_gain"] == pytest.approx(2.0)
+    assert rows["x"]["own_se"] == pytest.approx(1.0)
+    assert rows["supervised"]["paired_gain"] is None
+    table = markdown_table(grid, list(rows.values()))
+    # 4 > 2 x 1: beyond two standard errors; y gains 2 and 2 points, SE 0.
+    assert "| +4.00 ± 1.00 (2) | yes |" in table
+    assert "y: +2.00 ± 1.00 (2)" in table
+    assert paired_gain(results, "x", "nobody") == (None, None, 0)
+    assert paired_gain(results[:4], "y", "supervised") == (pytest.approx(2.0), None, 1)
+
+
 def test_bad_grids_are_refused(tmp_path):
     path = tmp_path / "grid.yaml"
     path.write_text(
@@ -46,6 +94,20 @@ def test_bad_grids_are_refused(tmp_path):
         )
     )
     with pytest.raises(ConfigError, match="unknown key 'sedes'"):
+        load_grid(path)
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "g",
+                "base": "b",
+                "output_dir": "o",
+                "methods": {"a": []},
+                "baseline": "a",
+                "compare": {"a": "b"},
+            }
+        )
+    )
+    with pytest.raises(ConfigError, match="compare.a: 'b' is not one of the methods"):
         load_grid(path)
 
 
@@ -171,3 +233,42 @@ def test_seed_placeholder_and_run_selection(synthetic_root, tmp_path, capsys):
     assert not (out / "supervised").exists() and not (out / "other" / "seed0").exists()
     rows = list(csv.DictReader((out / "tiny.csv").open()))
     assert [(r["method"], r["seeds"]) for r in rows] == [("other", "1")]
+    # --report tabulates the finished run and trains nothing.
+    capsys.readouterr()
+    assert main(["bench", str(grid), "--report"]) == 0
+    assert "| other | 1 |" in capsys.readouterr().out
+    assert not (out / "supervised").exists()
+
+
+def _write_val_log(folder, points):
+    folder.mkdir(parents=True)
+    lines = [
+        json.dumps({"iteration": i, "split": "train", "loss": 1.0, "sec_per_iter": 0.1})
+        for i, _ in points
+    ] + [json.dumps({"iteration": i, "split": "val", "miou": m}) for i, m in points]
+    (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_val_curves_paired_gain_and_rise(tmp_path):
+    _write_val_log(tmp_path / "b0", [(50, 0.30), (100, 0.40)])
+    _write_val_log(tmp_path / "b1", [(50, 0.32), (100, 0.44)])
+    _write_val_log(tmp_path / "m0", [(50, 0.31), (100, 0.43)])
+    _write_val_log(tmp_path / "m1", [(50, 0.35), (100, 0.49)])
+    base = {0: val_curve(tmp_path / "b0"), 1: val_curve(tmp_path / "b1")}
+    runs = {0: val_curve(tmp_path / "m0"), 1: val_curve(tmp_path / "m1")}
+    assert base[0] == {50: pytest.approx(30.0), 100: pytest.approx(40.0)}
+    assert val_curve(tmp_path / "missing") == {}
+    first, last = paired_curve(runs, base)
+    # Gains at 50: 1 and 3 (mean 2, SE 1); at 100: 3 and 5 (mean 4, SE 1).
+    assert (first.iteration, first.gain, first.se, first.pairs) == (
+        50,
+        pytest.approx(2.0),
+        pytest.approx(1.0),
+        2,
+    )
+    assert last.gain == pytest.approx(4.0) and last.mean == pytest.approx(46.0)
+    assert paired_curve(runs, None)[0].gain is None
+    # The last fifth of a 100-iteration schedule starts at 80: the eval at 50 is its start.
+    assert rise_over_tail(base[1], 100) == pytest.approx(12.0)
+    assert rise_over_tail(base[1], 200) is None
+    assert rise_over_tail({100: 40.0}, 100) is None

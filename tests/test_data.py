@@ -335,6 +335,22 @@ def test_dataset_seeded_items_are_reproducible(dataset):
     assert torch.equal(dataset[2]["image"], unseeded["image"])  # plain indices use the global RNG
 
 
+def test_dataset_cache_reads_each_file_once(tmp_path):
+    samples = folder_dataset(tmp_path)
+    fmt = get_format("folder", root=tmp_path)
+    plain = SegmentationDataset(samples, fmt, TrainTransform(8))
+    cached = SegmentationDataset(samples, fmt, TrainTransform(8), cache=True)
+    first = cached[(1, 3)]
+    samples[1].image.unlink()
+    samples[1].mask.unlink()
+    # The files are gone: the second read comes from memory and is the same sample.
+    again, expected = cached[(1, 3)], plain[(0, 3)]
+    assert torch.equal(first["image"], again["image"]) and torch.equal(first["mask"], again["mask"])
+    assert expected["image"].shape == again["image"].shape
+    with pytest.raises(DataError, match=r"001\.png"):
+        plain[(1, 3)]
+
+
 def test_dataset_without_mask(tmp_path):
     samples = [Sample(s.image, None) for s in folder_dataset(tmp_path)]
     unlabeled = SegmentationDataset(samples, get_format("folder"), EvalTransform(), with_mask=False)

@@ -10,7 +10,20 @@ A grid file names a base config, the methods as lists of dotted overrides, and t
     methods:
       supervised: []
       fixmatch: [scheme.name=fixmatch, policy.name=threshold]
+      unimatch: [scheme.name=unimatch, policy.name=threshold]
       unimatch-daw: [scheme.name=unimatch, policy.name=daw]
+    compare:
+      unimatch-daw: unimatch
+
+A grid may take its rows from another (``rows_from: other-grid.yaml``: its methods, seeds,
+baseline, compare and overrides, each unless given here) and differ in base config and
+output folder, e.g. the same rows at GPU scale. ``{output_dir}`` in an override is the
+grid's output folder, so a row can start from another row's checkpoint in either grid.
+
+Gains are paired: a row's gain over the baseline is the mean over the seeds both finished of
+the per-seed difference, with its standard error (the seeds share the split and the initial
+weights, so the pairing removes the seed's own luck). ``compare`` names, for a paper's
+method, the baseline its paper compares it with; the table adds that paired gain too.
 
 Each run lives in OUTPUT_DIR/METHOD/seedN. A finished run (final.json at the configured
 iteration count) is read, not retrained; an unfinished one resumes from its checkpoint.
@@ -52,6 +65,11 @@ class BenchGrid:
     baseline: str | None = "supervised"
     overrides: list[str] = field(default_factory=list)
     """Overrides applied to every run (before each method's own)."""
+    compare: dict[str, str] = field(default_factory=dict)
+    """Method -> the baseline its paper compares it with (paired gain in the table)."""
+
+
+_ROW_KEYS = ("methods", "seeds", "baseline", "compare", "overrides")
 
 
 def load_grid(path: str | Path) -> BenchGrid:
@@ -61,6 +79,14 @@ def load_grid(path: str | Path) -> BenchGrid:
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a grid must be a mapping")
+    if "rows_from" in data:
+        source = Path(str(data.pop("rows_from")))
+        if not source.is_file():
+            raise ConfigError(f"{path}: rows_from: grid file not found: {source}")
+        rows = yaml.safe_load(source.read_text()) or {}
+        if not isinstance(rows, dict) or "rows_from" in rows:
+            raise ConfigError(f"{path}: rows_from: {source} must be a grid without rows_from")
+        data = {**{k: rows[k] for k in _ROW_KEYS if k in rows}, **data}
     methods = data.get("methods")
     if not isinstance(methods, dict) or not methods:
         raise ConfigError(f"{path}: 'methods' must map method names to lists of overrides")
@@ -76,6 +102,12 @@ def load_grid(path: str | Path) -> BenchGrid:
         raise ConfigError(
             f"{path}: baseline {grid.baseline!r} is not one of the methods {list(grid.methods)}"
         )
+    for method, own in grid.compare.items():
+        for name in (method, own):
+            if name not in grid.methods:
+                raise ConfigError(
+                    f"{path}: compare.{method}: {name!r} is not one of the methods {list(grid.methods)}"
+                )
     if not re.fullmatch(r"[A-Za-z0-9._-]+", grid.name):
         raise ConfigError(
             f"{path}: name {grid.name!r} names the table files: use letters, digits, '.', '_', '-'"
@@ -126,12 +158,15 @@ def read_result(method: str, seed: int, folder: Path, iterations: int) -> RunRes
 
 def run_config(grid: BenchGrid, method: str, seed: int):
     """The config of one run; ``{seed}`` in an override value becomes the run's seed (e.g. a
-    per-seed ``model.init_from`` checkpoint), ``{next_seed}`` the grid's next seed."""
+    per-seed ``model.init_from`` checkpoint), ``{next_seed}`` the grid's next seed and
+    ``{output_dir}`` the grid's output folder."""
     following = (
         grid.seeds[(grid.seeds.index(seed) + 1) % len(grid.seeds)] if seed in grid.seeds else seed
     )
     overrides = [
-        o.replace("{seed}", str(seed)).replace("{next_seed}", str(following))
+        o.replace("{seed}", str(seed))
+        .replace("{next_seed}", str(following))
+        .replace("{output_dir}", grid.output_dir)
         for o in [*grid.overrides, *grid.methods[method]]
     ]
     return load_config(
@@ -189,8 +224,24 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def paired_gain(
+    results: list[RunResult], method: str, baseline: str
+) -> tuple[float | None, float | None, int]:
+    """Mean per-seed mIoU difference (points) of `method` over `baseline`, its standard error
+    (sample std / sqrt(n); None below 2 pairs) and the number n of seeds both finished."""
+    base = {r.seed: r.miou for r in results if r.method == baseline}
+    diffs = [
+        100 * (r.miou - base[r.seed]) for r in results if r.method == method and r.seed in base
+    ]
+    if not diffs:
+        return None, None, 0
+    se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else None
+    return statistics.mean(diffs), se, len(diffs)
+
+
 def summarize(grid: BenchGrid, results: list[RunResult]) -> list[dict]:
-    """One row per method: mean and spread over seeds, gain over the baseline's mean."""
+    """One row per method: mean and spread over seeds, gain over the baseline's mean, paired
+    gains (with standard errors) over the baseline and over the method's own baseline."""
     rows = []
     for method in grid.methods:
         runs = [r for r in results if r.method == method]
@@ -219,6 +270,15 @@ def summarize(grid: BenchGrid, results: list[RunResult]) -> list[dict]:
             if base and row["tail_miou"] is not None and base["tail_miou"] is not None
             else None
         )
+        gain, se, n = (
+            paired_gain(results, row["method"], grid.baseline)
+            if base and row is not base
+            else (None, None, 0)
+        )
+        row.update(paired_gain=gain, paired_se=se, paired_seeds=n)
+        own = grid.compare.get(row["method"])
+        gain, se, n = paired_gain(results, row["method"], own) if own else (None, None, 0)
+        row.update(own_baseline=own, own_gain=gain, own_se=se, own_seeds=n)
     return rows
 
 
@@ -228,20 +288,51 @@ def _fmt(value: float | None, signed: bool = False) -> str:
     return f"{value:+.2f}" if signed else f"{value:.2f}"
 
 
+def _fmt_paired(gain: float | None, se: float | None, n: int) -> str:
+    if gain is None:
+        return "-"
+    return f"{gain:+.2f} ± {'-' if se is None else f'{se:.2f}'} ({n})"
+
+
+def _beyond_two_se(gain: float | None, se: float | None) -> str:
+    if gain is None or se is None:
+        return "-"
+    return "yes" if gain > 2 * se else "no"
+
+
 def markdown_table(grid: BenchGrid, rows: list[dict]) -> str:
-    """The comparison table; a KL column (pseudo labels vs labeled class distribution,
-    self-training runs) appears when some row has it."""
+    """The comparison table: mean ± std over seeds, the paired gain over the baseline ± its
+    standard error (seeds paired), whether it exceeds two standard errors, and the paired gain
+    over the method's own baseline where the grid names one. A KL column (pseudo labels vs
+    labeled class distribution, self-training runs) appears when some row has it."""
     with_kl = any(r.get("kl") is not None for r in rows)
+    with_own = any(r.get("own_baseline") for r in rows)
     lines = [
-        f"| method | seeds | mIoU (%) | tail mIoU (%) | gain over {grid.baseline} | tail gain | s/iter |"
+        f"| method | seeds | mIoU (%) | tail mIoU (%) | paired gain over {grid.baseline} ± SE (pairs) "
+        "| > 2 SE | tail gain |"
+        + (" vs own baseline ± SE (pairs) |" if with_own else "")
+        + " s/iter |"
         + (" KL |" if with_kl else ""),
-        "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if with_kl else ""),
+        "|---|---:|---:|---:|---:|:-:|---:|"
+        + ("---:|" if with_own else "")
+        + "---:|"
+        + ("---:|" if with_kl else ""),
     ]
     for r in rows:
         kl = r.get("kl")
+        own = (
+            f" {r['own_baseline']}: {_fmt_paired(r['own_gain'], r['own_se'], r['own_seeds'])} |"
+            if r.get("own_baseline")
+            else " - |"
+        )
         lines.append(
-            f"| {r['method']} | {r['seeds']} | {r['miou']:.2f} ± {r['miou_std']:.2f} | {_fmt(r['tail_miou'])} "
-            f"| {_fmt(r['gain'], True)} | {_fmt(r['tail_gain'], True)} | {r['sec_per_iter']:.2f} |"
+            f"| {r['method']} | {r['seeds']} | {r['miou']:.2f} ± {r['miou_std']:.2f} "
+            f"| {_fmt(r['tail_miou'])} "
+            f"| {_fmt_paired(r['paired_gain'], r['paired_se'], r['paired_seeds'])} "
+            f"| {_beyond_two_se(r['paired_gain'], r['paired_se'])} "
+            f"| {_fmt(r['tail_gain'], True)} |"
+            + (own if with_own else "")
+            + f" {r['sec_per_iter']:.2f} |"
             + (f" {'-' if kl is None else f'{kl:.4f}'} |" if with_kl else "")
         )
     return "\n".join(lines) + "\n"

@@ -183,10 +183,22 @@ def _cmd_detector(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from semiseg.bench import load_grid, markdown_table, run_grid, summarize, write_report
+    from semiseg.bench import (
+        finished_results,
+        load_grid,
+        markdown_table,
+        run_grid,
+        summarize,
+        write_report,
+    )
 
     grid = load_grid(args.grid)
-    results = run_grid(grid, progress=not args.no_progress, methods=args.methods, seeds=args.seeds)
+    if args.report:
+        results = finished_results(grid)
+    else:
+        results = run_grid(
+            grid, progress=not args.no_progress, methods=args.methods, seeds=args.seeds
+        )
     if not results:
         print("no finished runs yet", file=sys.stderr)
         return 1
@@ -426,6 +438,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("grid", help="grid YAML (see semiseg.bench)")
     p.add_argument("--methods", nargs="+", help="train only these methods of the grid")
     p.add_argument("--seeds", nargs="+", type=int, help="train only these seeds of the grid")
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="train nothing: write the table of the runs that have finished",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_bench)
 

@@ -74,6 +74,10 @@ class DataConfig:
     unlabeled_batch_size: int | None = None
     """Unlabeled images per step and per process; None means equal to batch_size."""
     workers: int = 2
+    cache: bool = False
+    """Keep every decoded image and mask in memory after its first read, so later epochs
+    augment from memory (each loader worker holds a copy: RAM grows by the decoded set per
+    worker). For many concurrent runs on one fast device, where decoding bounds the step."""
     eval_mode: Literal["none", "resize", "sliding"] = "none"
     eval_size: int | None = None
     """Shorter side for `resize` evaluation, window size for `sliding` (default: crop_size)."""

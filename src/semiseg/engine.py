@@ -477,7 +477,12 @@ class Trainer:
     ) -> Iterator:
         cfg = self.cfg.data
         dataset = SegmentationDataset(
-            samples, self.data.fmt, transform, with_mask=with_mask, detections=detections
+            samples,
+            self.data.fmt,
+            transform,
+            with_mask=with_mask,
+            detections=detections,
+            cache=cfg.cache,
         )
         sampler = ResumableSampler(
             len(samples),
@@ -505,7 +510,9 @@ class Trainer:
     def _val_loader(self) -> DataLoader:
         cfg = self.cfg.data
         transform = eval_transform(cfg.eval_mode, cfg.eval_size or cfg.crop_size)
-        dataset = SegmentationDataset(self.data.val, self.data.fmt, transform, with_mask=True)
+        dataset = SegmentationDataset(
+            self.data.val, self.data.fmt, transform, with_mask=True, cache=cfg.cache
+        )
         sampler = ShardSampler(len(dataset), self.ctx.rank, self.ctx.world_size)
         return DataLoader(
             dataset,

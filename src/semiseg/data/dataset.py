@@ -68,7 +68,9 @@ class SegmentationDataset(torch.utils.data.Dataset):
     it a function of `seed` alone, leaving the caller's RNG state untouched. Items are
     `transform(image, mask)` (image uint8 [3, H, W], mask int64 [H, W] or None) plus
     'index' (int) and 'name' (image file stem). With `detections(index, (H, W))` (a detector
-    box bitmask int64 [H, W] per image) the transform also gets `detections=`.
+    box bitmask int64 [H, W] per image) the transform also gets `detections=`. With `cache`,
+    each decoded image and mask is kept in memory after its first read, so later epochs
+    augment from memory; every loader worker holds its own copy.
     """
 
     def __init__(
@@ -78,12 +80,14 @@ class SegmentationDataset(torch.utils.data.Dataset):
         transform: Transform,
         with_mask: bool = True,
         detections: Callable[[int, tuple[int, int]], torch.Tensor] | None = None,
+        cache: bool = False,
     ) -> None:
         self.samples = list(samples)
         self.fmt = fmt
         self.transform = transform
         self.with_mask = with_mask
         self.detections = detections
+        self.cache: dict[int, tuple[np.ndarray, np.ndarray | None]] | None = {} if cache else None
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -91,18 +95,14 @@ class SegmentationDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor | int | str]:
         index, seed = self._parse_key(key)
         sample = self.samples[index]
-        pil_image = load_image(sample.image)
-        image = tv_tensors.Image(
-            torch.from_numpy(np.array(pil_image)).permute(2, 0, 1).contiguous()
-        )
+        pixels, labels = self._decoded(index)
+        image = tv_tensors.Image(torch.from_numpy(pixels).permute(2, 0, 1).contiguous())
         mask = None
-        if self.with_mask:
-            labels = self._load_labels(sample, pil_image.size)
+        if labels is not None:
             mask = tv_tensors.Mask(torch.from_numpy(labels.astype(np.int64)))
         extra = {}
         if self.detections is not None:
-            width, height = pil_image.size
-            extra["detections"] = self.detections(index, (height, width))
+            extra["detections"] = self.detections(index, tuple(pixels.shape[:2]))
         out = dict(self._transform(image, mask, seed, **extra))
         out["index"] = index
         out["name"] = sample.image.stem
@@ -118,6 +118,18 @@ class SegmentationDataset(torch.utils.data.Dataset):
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} samples")
         return index % len(self), seed
+
+    def _decoded(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """(RGB uint8 [H, W, 3], labels uint8 [H, W] or None) of sample `index`."""
+        if self.cache is not None and index in self.cache:
+            return self.cache[index]
+        sample = self.samples[index]
+        pil_image = load_image(sample.image)
+        labels = self._load_labels(sample, pil_image.size) if self.with_mask else None
+        decoded = np.array(pil_image), labels
+        if self.cache is not None:
+            self.cache[index] = decoded
+        return decoded
 
     def _load_labels(self, sample: Sample, image_size: tuple[int, int]) -> np.ndarray:
         if sample.mask is None:

@@ -1,0 +1,227 @@
+"""Run a bench grid on one GPU as concurrent processes, sized to a wall-time budget.
+
+    python benchmarks/gpu_grid.py --grid benchmarks/grids/camvid-1_16-gpu.yaml --budget 540
+
+`benchmarks/gpu_grid.sh` calls it on the GPU machine. Steps:
+
+1. **Calibrate** (`--calibrate-iterations` steps): one process per row that starts from
+   ImageNet (seed 0), all at once, into a scratch folder. Each logs its s/iter while the
+   others share the GPU and the CPU cores.
+2. **Size.** The main phase runs P = rows x seeds processes where the calibration ran R, so
+   each step takes about P / R times longer, if the machine was already saturated at R.
+   The iterations N are the largest multiple of 100 that fit the time left with the
+   slowest row, or a chain of a row and the rows that start from its checkpoint (offline
+   self-training after its supervised teacher; their step is taken as twice the teacher's,
+   since they cannot be calibrated before a teacher exists), times a safety factor.
+   N is written into a derived grid next to the runs (`train.iterations`, evaluations at
+   every fifth), so the table records it.
+3. **Run** every (row, seed) as `python -m semiseg bench DERIVED --methods M --seeds S`, a
+   row that starts from another run's checkpoint as soon as that run has finished. A run
+   still going at the deadline is stopped (it keeps its checkpoint; running the script
+   again resumes it).
+4. **Report**: `semiseg bench DERIVED --report` writes the table of the finished runs; with
+   `--out`, the table and every finished run's final.json, metrics.jsonl and config.yaml are
+   copied there.
+
+`--iterations N` skips the calibration. Nothing here names a method: rows and their
+dependencies come from the grid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from semiseg.bench import load_grid, run_config, run_dir
+from semiseg.config import save_config
+from semiseg.metrics_log import read_metrics
+from semiseg.run_folder import RunFolder
+
+SAFETY = 0.75
+SELF_TRAINING_COST = 2.0
+"""A row that starts from another run's checkpoint: its step time over its teacher's."""
+
+
+def dependencies(grid, method: str, seed: int) -> list[Path]:
+    """Run folders of this grid whose checkpoint the run starts from."""
+    init = run_config(grid, method, seed).model.init_from
+    paths = [init] if isinstance(init, str) else list(init or [])
+    folders = [run_dir(grid, m, s) for m in grid.methods for s in grid.seeds]
+    return [f for f in folders for p in paths if Path(p).is_relative_to(f)]
+
+
+def _command(grid_path: Path, method: str, seed: int) -> list[str]:
+    return [sys.executable, "-m", "semiseg", "bench", str(grid_path), "--methods", method,
+            "--seeds", str(seed), "--no-progress"]  # fmt: skip
+
+
+def _environment() -> dict[str, str]:
+    # One CPU thread per process: the processes share the cores, and loader workers are
+    # separate processes.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def calibrate(grid, rows: list[str], iterations: int, scratch: Path) -> dict[str, float]:
+    """Median s/iter of each row's last logged windows with all rows running at once."""
+    shutil.rmtree(scratch, ignore_errors=True)
+    procs = {}
+    for method in rows:
+        cfg = run_config(grid, method, grid.seeds[0])
+        cfg.train.iterations = iterations
+        cfg.train.epochs = None
+        cfg.train.eval_every = 10 * iterations
+        cfg.train.log_every = max(1, iterations // 4)
+        cfg.output_dir = str(scratch / method)
+        path = scratch / f"{method}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, path)
+        log = (scratch / f"{method}.log").open("w")
+        procs[method] = subprocess.Popen(
+            [sys.executable, "-m", "semiseg", "train", str(path), "--no-progress"],
+            stdout=log, stderr=subprocess.STDOUT, env=_environment(),
+        )  # fmt: skip
+    costs = {}
+    for method, proc in procs.items():
+        if proc.wait() != 0:
+            raise SystemExit(f"calibration of {method} failed: see {scratch / method}.log")
+        records = read_metrics(RunFolder(scratch / method).metrics)
+        times = [r["sec_per_iter"] for r in records if r["split"] == "train"][1:]
+        costs[method] = statistics.median(times)
+    return costs
+
+
+def size_iterations(
+    grid, costs: dict[str, float], processes: int, concurrent: int, seconds: float
+) -> tuple[int, str]:
+    """N and the row (or chain) that bounds it."""
+    slowdown = processes / concurrent
+    chains = {}
+    for method in grid.methods:
+        teachers = {d.parent.name for d in dependencies(grid, method, grid.seeds[0])}
+        if teachers:
+            teacher = max(costs[t] for t in teachers)
+            chains[f"{'+'.join(sorted(teachers))} then {method}"] = teacher * (
+                1 + SELF_TRAINING_COST
+            )
+        else:
+            chains[method] = costs[method]
+    bound = max(chains, key=chains.get)
+    per_iteration = chains[bound] * slowdown
+    iterations = int(SAFETY * seconds / per_iteration) // 100 * 100
+    return max(100, iterations), bound
+
+
+def derived_grid(grid_path: Path, grid, iterations: int, folder: Path) -> Path:
+    data = yaml.safe_load(grid_path.read_text())
+    data.pop("rows_from", None)
+    data.update(
+        methods=grid.methods,
+        seeds=grid.seeds,
+        baseline=grid.baseline,
+        compare=grid.compare,
+        overrides=[
+            *grid.overrides,
+            f"train.iterations={iterations}",
+            f"train.eval_every={max(1, iterations // 5)}",
+        ],
+    )
+    path = folder / f"{grid.name}.yaml"
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def run_all(path: Path, deadline: float, logs: Path) -> None:
+    grid = load_grid(path)
+    waiting = [(m, s) for m in grid.methods for s in grid.seeds]
+    running: dict[tuple[str, int], subprocess.Popen] = {}
+    logs.mkdir(parents=True, exist_ok=True)
+    while waiting or running:
+        for key in list(waiting):
+            if all(RunFolder(d).read_final() for d in dependencies(grid, *key)):
+                log = (logs / f"{key[0]}-seed{key[1]}.log").open("a")
+                running[key] = subprocess.Popen(
+                    _command(path, *key), stdout=log, stderr=subprocess.STDOUT,
+                    env=_environment(),
+                )  # fmt: skip
+                waiting.remove(key)
+        for key, proc in list(running.items()):
+            if proc.poll() is not None:
+                status = "finished" if proc.returncode == 0 else f"failed ({proc.returncode})"
+                print(f"{time.strftime('%H:%M:%S')} {key[0]} seed {key[1]}: {status}")
+                del running[key]
+        if time.monotonic() > deadline:
+            for key, proc in running.items():
+                proc.terminate()
+                print(f"deadline: stopped {key[0]} seed {key[1]} (resumable)")
+            for proc in running.values():
+                proc.wait()
+            for key in waiting:
+                print(
+                    f"deadline: {key[0]} seed {key[1]} never started (its teacher did not finish)"
+                )
+            return
+        time.sleep(2)
+
+
+def copy_results(grid, out: Path) -> None:
+    for method in grid.methods:
+        for seed in grid.seeds:
+            folder = run_dir(grid, method, seed)
+            if not RunFolder(folder).read_final():
+                continue
+            target = out / "runs" / method / f"seed{seed}"
+            target.mkdir(parents=True, exist_ok=True)
+            run = RunFolder(folder)
+            shutil.copyfile(run.metrics_folder().metrics, target / "metrics.jsonl")
+            for name in ("final.json", "config.yaml"):
+                shutil.copyfile(folder / name, target / name)
+    for suffix in (".md", ".csv", ".png"):
+        table = Path(grid.output_dir) / f"{grid.name}{suffix}"
+        if table.is_file():
+            shutil.copyfile(table, out / table.name)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--grid", type=Path, default=Path("benchmarks/grids/camvid-1_16-gpu.yaml"))
+    parser.add_argument("--budget", type=float, default=540.0, help="wall seconds in all")
+    parser.add_argument("--calibrate-iterations", type=int, default=24)
+    parser.add_argument("--iterations", type=int, help="skip the calibration")
+    parser.add_argument("--max-iterations", type=int, default=20000)
+    parser.add_argument("--out", type=Path, help="copy the table and run records here")
+    args = parser.parse_args()
+    start = time.monotonic()
+    grid = load_grid(args.grid)
+    folder = Path(grid.output_dir)
+    processes = len(grid.methods) * len(grid.seeds)
+    if args.iterations:
+        iterations, bound = args.iterations, "given"
+    else:
+        rows = [m for m in grid.methods if not dependencies(grid, m, grid.seeds[0])]
+        costs = calibrate(grid, rows, args.calibrate_iterations, folder / "calibration")
+        for method, cost in costs.items():
+            print(f"calibration: {method} {cost:.3f} s/iter with {len(rows)} processes at once")
+        left = args.budget - (time.monotonic() - start)
+        iterations, bound = size_iterations(grid, costs, processes, len(rows), left)
+        iterations = min(iterations, args.max_iterations)
+    print(f"{processes} runs of {iterations} iterations (bounded by {bound})")
+    path = derived_grid(args.grid, grid, iterations, folder)
+    # The report and the copies need a few seconds after the last run stops.
+    run_all(path, start + args.budget - 20, folder / "logs")
+    subprocess.run([sys.executable, "-m", "semiseg", "bench", str(path), "--report"], check=False)
+    if args.out:
+        copy_results(load_grid(path), args.out)
+        print(f"results copied to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

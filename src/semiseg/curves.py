@@ -1,0 +1,77 @@
+"""Validation curves of bench runs: paired gain against iterations, and whether a run has
+converged. `benchmarks/learning_curve.py` prints and plots them for a grid.
+
+A curve is a run's val mIoU (points) at each evaluation, read from its metrics log; the
+evaluations of one run lie on its own schedule (poly decay to the configured length), so a
+curve at 1,000 of 2,000 iterations is not a 1,000-iteration run, only its midpoint.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from semiseg.metrics_log import read_metrics
+from semiseg.run_folder import RunFolder
+
+Curve = dict[int, float]
+"""Evaluation iteration -> val mIoU in points."""
+
+
+def val_curve(folder: str | Path, key: str = "miou") -> Curve:
+    """The val curve of one run folder (empty if it has not evaluated yet); the last
+    evaluation at an iteration wins (a resumed run may evaluate the same step twice)."""
+    run = RunFolder(folder)
+    if not run.metrics_folder().metrics.is_file():
+        return {}
+    records = read_metrics(run.metrics_folder().metrics)
+    return {r["iteration"]: 100 * r[key] for r in records if r["split"] == "val" and key in r}
+
+
+@dataclass
+class CurvePoint:
+    iteration: int
+    mean: float
+    std: float
+    gain: float | None
+    """Mean over paired seeds of (run - baseline) at this iteration, in points."""
+    se: float | None
+    """Standard error of that mean (None below 2 pairs)."""
+    pairs: int
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def paired_curve(runs: dict[int, Curve], baseline: dict[int, Curve] | None) -> list[CurvePoint]:
+    """Per evaluation iteration: mean ± std of `runs` (seed -> curve) over the seeds that
+    reached it, and the paired gain over `baseline` (seed -> curve) over the seeds both
+    reached, with its standard error."""
+    iterations = sorted({i for curve in runs.values() for i in curve})
+    points = []
+    for i in iterations:
+        values = [curve[i] for curve in runs.values() if i in curve]
+        mean, std = _mean_std(values)
+        diffs = [
+            curve[i] - baseline[seed][i]
+            for seed, curve in runs.items()
+            if i in curve and baseline and seed in baseline and i in baseline[seed]
+        ]
+        gain = statistics.mean(diffs) if diffs else None
+        se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else None
+        points.append(CurvePoint(i, mean, std, gain, se, len(diffs)))
+    return points
+
+
+def rise_over_tail(curve: Curve, length: int, fraction: float = 0.2) -> float | None:
+    """How much val mIoU (points) rose over the last `fraction` of a `length`-iteration
+    schedule: the last evaluation minus the last one at or before (1 - fraction) * length.
+    None unless the run evaluated at its end and before that tail. A converged run's rise is
+    within its evaluation noise."""
+    start = (1 - fraction) * length
+    before = [i for i in curve if i <= start]
+    if length not in curve or not before:
+        return None
+    return curve[length] - curve[max(before)]

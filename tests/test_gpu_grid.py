@@ -1,0 +1,93 @@
+"""benchmarks/gpu_grid.py: dependencies between rows, sizing from a calibration, and one
+tiny grid run end to end (calibration, concurrent runs, a row after its teacher, report)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import tiny_config
+
+from semiseg.bench import load_grid, run_dir
+
+_SPEC = importlib.util.spec_from_file_location(
+    "gpu_grid", Path(__file__).parents[1] / "benchmarks" / "gpu_grid.py"
+)
+gpu_grid = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(gpu_grid)
+
+
+@pytest.fixture
+def grid_path(synthetic_root, tmp_path) -> Path:
+    base = tmp_path / "base.yaml"
+    base.write_text(
+        yaml.safe_dump(
+            tiny_config(
+                synthetic_root, tmp_path / "unused", train={"iterations": 4, "eval_every": 4}
+            )
+        )
+    )
+    path = tmp_path / "grid.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "tiny-gpu",
+                "base": str(base),
+                "output_dir": str(tmp_path / "bench"),
+                "seeds": [0],
+                "methods": {
+                    "supervised": [],
+                    "fixmatch": ["scheme.name=fixmatch", "policy.name=threshold"],
+                    "st": [
+                        "scheme.name=self_training",
+                        "scheme.method=st",
+                        "scheme.alpha=[0.3]",
+                        "model.init_from={output_dir}/supervised/seed{seed}/latest.pt",
+                    ],
+                },
+                "compare": {"st": "supervised"},
+            },
+            sort_keys=False,
+        )
+    )
+    return path
+
+
+def test_dependencies_and_sizing(grid_path):
+    grid = load_grid(grid_path)
+    assert gpu_grid.dependencies(grid, "st", 0) == [run_dir(grid, "supervised", 0)]
+    assert gpu_grid.dependencies(grid, "fixmatch", 0) == []
+    # 3 processes where 2 were calibrated: steps 1.5x slower. The chain supervised -> st
+    # costs 0.2 * (1 + 2) = 0.6 s per iteration, more than fixmatch's 0.3:
+    # N = 0.75 * 1000 / (0.6 * 1.5) = 833 -> 800.
+    iterations, bound = gpu_grid.size_iterations(
+        grid, {"supervised": 0.2, "fixmatch": 0.3}, processes=3, concurrent=2, seconds=1000
+    )
+    assert (iterations, bound) == (800, "supervised then st")
+    assert gpu_grid.size_iterations(grid, {"supervised": 9, "fixmatch": 9}, 3, 2, 10)[0] == 100
+
+
+def test_tiny_grid_end_to_end(grid_path, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    monkeypatch.setattr(
+        "sys.argv",
+        ["gpu_grid.py", "--grid", str(grid_path), "--budget", "600", "--calibrate-iterations", "4",
+         "--max-iterations", "10", "--out", str(out)],
+    )  # fmt: skip
+    gpu_grid.main()
+    printed = capsys.readouterr().out
+    assert "calibration: supervised" in printed and "calibration: fixmatch" in printed
+    assert "calibration: st" not in printed
+    derived = load_grid(tmp_path / "bench" / "tiny-gpu.yaml")
+    iterations = int(derived.overrides[-2].split("=")[1])
+    assert iterations == 10  # the calibration allows more; --max-iterations caps it
+    for method in ("supervised", "fixmatch", "st"):
+        final = json.loads((out / "runs" / method / "seed0" / "final.json").read_text())
+        assert final["iteration"] == iterations
+        assert (out / "runs" / method / "seed0" / "metrics.jsonl").is_file()
+    table = (out / "tiny-gpu.md").read_text()
+    (st_row,) = [line for line in table.splitlines() if line.startswith("| st | 1 |")]
+    assert "| supervised: " in st_row
