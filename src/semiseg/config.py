@@ -147,8 +147,10 @@ class TrainConfig:
     """Convolutional networks and their inputs in channels-last memory layout (faster
     convolutions on CPUs and on GPUs with tensor cores; same results up to rounding)."""
     compile: bool = False
-    """torch.compile the trained networks: minutes of compilation on the first steps, then
-    faster steps (see benchmarks/step_speed.py for when it pays off)."""
+    """torch.compile the trained networks: minutes of compilation on the first steps. Off by
+    default: on a 2-core AVX2 CPU the compiled steps were 1.75x slower than eager ones
+    (benchmarks/results/step_speed.md, run 4); time it with benchmarks/step_speed.py
+    --compile before turning it on."""
     deterministic: bool = False
     threads: int | None = None
     """torch intra-op threads per process; None leaves torch's default."""
