@@ -98,7 +98,8 @@ def _plot(name, curves, baseline, methods, key, path: Path) -> None:
     right.axhline(0.0, color="grey", linewidth=1)
     right.set(xlabel="iteration", ylabel=f"paired gain over {baseline}", title="paired gain ± 2 SE")
     left.legend()
-    right.legend()
+    if right.get_legend_handles_labels()[0]:
+        right.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
