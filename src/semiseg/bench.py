@@ -53,6 +53,7 @@ from semiseg.files import atomic_write, atomic_write_text
 from semiseg.metrics_log import read_metrics
 from semiseg.run_folder import RunFolder
 from semiseg.schedule import planned_iterations
+from semiseg.stats import mean_std, paired_mean_se
 
 
 @dataclass
@@ -220,10 +221,6 @@ def finished_results(grid: BenchGrid) -> list[RunResult]:
     return results
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def paired_gain(
     results: list[RunResult], method: str, baseline: str
 ) -> tuple[float | None, float | None, int]:
@@ -233,10 +230,8 @@ def paired_gain(
     diffs = [
         100 * (r.miou - base[r.seed]) for r in results if r.method == method and r.seed in base
     ]
-    if not diffs:
-        return None, None, 0
-    se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else None
-    return statistics.mean(diffs), se, len(diffs)
+    gain, se = paired_mean_se(diffs)
+    return gain, se, len(diffs)
 
 
 def summarize(grid: BenchGrid, results: list[RunResult]) -> list[dict]:
@@ -247,7 +242,7 @@ def summarize(grid: BenchGrid, results: list[RunResult]) -> list[dict]:
         runs = [r for r in results if r.method == method]
         if not runs:
             continue
-        miou, spread = _mean_std([100 * r.miou for r in runs])
+        miou, spread = mean_std([100 * r.miou for r in runs])
         tails = [100 * r.tail_miou for r in runs if r.tail_miou is not None]
         kls = [r.kl for r in runs if r.kl is not None]
         rows.append(

@@ -8,12 +8,12 @@ curve at 1,000 of 2,000 iterations is not a 1,000-iteration run, only its midpoi
 
 from __future__ import annotations
 
-import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
 from semiseg.metrics_log import read_metrics
 from semiseg.run_folder import RunFolder
+from semiseg.stats import mean_std, paired_mean_se
 
 Curve = dict[int, float]
 """Evaluation iteration -> val mIoU in points."""
@@ -41,10 +41,6 @@ class CurvePoint:
     pairs: int
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def paired_curve(runs: dict[int, Curve], baseline: dict[int, Curve] | None) -> list[CurvePoint]:
     """Per evaluation iteration: mean ± std of `runs` (seed -> curve) over the seeds that
     reached it, and the paired gain over `baseline` (seed -> curve) over the seeds both
@@ -53,14 +49,13 @@ def paired_curve(runs: dict[int, Curve], baseline: dict[int, Curve] | None) -> l
     points = []
     for i in iterations:
         values = [curve[i] for curve in runs.values() if i in curve]
-        mean, std = _mean_std(values)
+        mean, std = mean_std(values)
         diffs = [
             curve[i] - baseline[seed][i]
             for seed, curve in runs.items()
             if i in curve and baseline and seed in baseline and i in baseline[seed]
         ]
-        gain = statistics.mean(diffs) if diffs else None
-        se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else None
+        gain, se = paired_mean_se(diffs)
         points.append(CurvePoint(i, mean, std, gain, se, len(diffs)))
     return points
 
