@@ -19,6 +19,8 @@ import torchvision
 from efficientnet_lite_pytorch import EfficientNet
 from torch import Tensor
 
+from semiseg.models.depthwise import SamePadDepthwiseConv2d
+
 BACKBONES = ("resnet50", "resnet101", "efficientnet_lite0", "tiny")
 OUTPUT_STRIDES = (8, 16)
 
@@ -109,6 +111,9 @@ class EfficientNetLite0Backbone(Backbone):
     package's convs compute TensorFlow 'same' padding from the dilation at run time, so
     the dilated convs stay centred and the weights are unchanged.
 
+    The depthwise convolutions are :class:`~semiseg.models.depthwise.SamePadDepthwiseConv2d`
+    (the package's padding, float32 under CPU autocast, where bf16 depthwise kernels are slow).
+
     Two deliberate changes from the package defaults: the model is built with
     ``image_size=None`` so the padding is computed per input (its static padding is
     precomputed for 224x224 inputs and would misalign other sizes), and BatchNorm momentum
@@ -130,6 +135,8 @@ class EfficientNetLite0Backbone(Backbone):
         self.name = "efficientnet_lite0"
         self.output_stride = output_stride
         self._conv_stem, self._bn0, self._blocks = net._conv_stem, net._bn0, net._blocks
+        for block in self._blocks:
+            block._depthwise_conv = SamePadDepthwiseConv2d.replacing(block._depthwise_conv)
         self.act = nn.ReLU6(inplace=True)
         self.drop_connect_rate: float = net._global_params.drop_connect_rate or 0.0
         self.low_channels = self._blocks[self.LOW_BLOCK]._block_args.output_filters

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from semiseg.models.backbones import BackboneFeatures
+from semiseg.models.depthwise import DepthwiseConv2d
 
 
 class HeadOutput(NamedTuple):
@@ -39,9 +40,12 @@ def conv_bn_relu(c_in: int, c_out: int, kernel_size: int = 1, dilation: int = 1)
 def separable_conv_bn_relu(c_in: int, c_out: int, dilation: int = 1) -> nn.Sequential:
     """Depthwise-separable 3x3: depthwise 3x3 conv-BN-ReLU then pointwise 1x1 conv-BN-ReLU,
     as in the DeepLabV3+ paper's Xception ASPP and decoder; about 9 / (1 + 9 c_in / c_out)
-    of the multiply-adds of a full 3x3 convolution for a wide one."""
+    of the multiply-adds of a full 3x3 convolution for a wide one. The depthwise part stays
+    float32 under CPU autocast (:mod:`semiseg.models.depthwise`)."""
     return nn.Sequential(
-        nn.Conv2d(c_in, c_in, 3, padding=dilation, dilation=dilation, groups=c_in, bias=False),
+        DepthwiseConv2d(
+            c_in, c_in, 3, padding=dilation, dilation=dilation, groups=c_in, bias=False
+        ),
         nn.BatchNorm2d(c_in),
         nn.ReLU(inplace=True),
         conv_bn_relu(c_in, c_out, 1),
