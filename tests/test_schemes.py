@@ -200,3 +200,35 @@ def test_policy_warm_up_feeds_statistics_before_the_first_step(synthetic_root, t
     cold, warm = first_window("cold", 0), first_window("warm", 20)
     # Twenty more EMA updates (m = 0.99) pull the fits away from the initial N(1/C, 1).
     assert abs(warm["policy/sigma_pos"] - 1.0) > abs(cold["policy/sigma_pos"] - 1.0)
+
+
+@pytest.mark.parametrize("scheme", ["fixmatch", "unimatch"])
+def test_loss_scale_multiplies_the_whole_loss(synthetic_root, tmp_path, scheme):
+    """0.5 is UniMatch's (L_x + L_u) / 2; 1.0 the FixMatch and DAW papers' L_x + L_u."""
+
+    def first_step(scale: float) -> dict:
+        name = f"{scheme}-{scale}"
+        cfg = config_from_dict(
+            tiny_config(
+                synthetic_root,
+                tmp_path / name,
+                scheme={"name": scheme, "loss_scale": scale},
+                policy={"name": "threshold", "threshold": 0.3},
+                train={"iterations": 1, "eval_every": 1, "log_every": 1},
+            )
+        )
+        train(cfg, progress=False)
+        return next(
+            r for r in read_metrics(tmp_path / name / "metrics.jsonl") if r["split"] == "train"
+        )
+
+    half, whole = first_step(0.5), first_step(1.0)
+    assert half["loss_x"] == whole["loss_x"]
+    assert whole["loss"] == pytest.approx(2 * half["loss"], rel=1e-6)
+    terms = (
+        ("loss_x", "loss_s")
+        if scheme == "fixmatch"
+        else ("loss_x", "loss_s1", "loss_s2", "loss_fp")
+    )
+    weights = {"loss_x": 1.0, "loss_s": 1.0, "loss_s1": 0.25, "loss_s2": 0.25, "loss_fp": 0.5}
+    assert whole["loss"] == pytest.approx(sum(weights[t] * whole[t] for t in terms), rel=1e-5)

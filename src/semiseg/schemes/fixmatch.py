@@ -7,16 +7,17 @@ from dataclasses import dataclass
 import torch
 
 from semiseg.schemes.base import EvalEMAOptions, StepOutput, Views
-from semiseg.schemes.semi import SemiOptions, SemiScheme, paste
+from semiseg.schemes.semi import LossScaleOptions, SemiOptions, SemiScheme, paste
 
 
 @dataclass
-class FixMatchOptions(SemiOptions, EvalEMAOptions):
+class FixMatchOptions(SemiOptions, EvalEMAOptions, LossScaleOptions):
     name: str = "fixmatch"
 
 
 class FixMatchScheme(SemiScheme):
-    """loss = (CE(labeled) + L_u(strong view 1 with CutMix)) / 2 (UniMatch's fixmatch.py).
+    """loss = loss_scale * (CE(labeled) + L_u(strong view 1 with CutMix)); loss_scale 0.5 is
+    UniMatch's fixmatch.py, 1.0 FixMatch's paper.
 
     The student's own detached weak-view prediction is the teacher; the CutMix source is
     predicted in eval mode, as in UniMatch.
@@ -24,7 +25,9 @@ class FixMatchScheme(SemiScheme):
 
     name = "fixmatch"
     Options = FixMatchOptions
-    summary = "the weak view labels a strong view with CutMix; (L_x + L_u) / 2"
+    summary = (
+        "the weak view labels a strong view with CutMix; loss_scale * (L_x + L_u), 0.5 by default"
+    )
     views = Views(strong=1, boxes=1)
 
     def training_step(
@@ -57,4 +60,4 @@ class FixMatchScheme(SemiScheme):
         loss_s = teaching.combine({"loss_s": loss_s})["loss_s"]
         logs.update({"loss_x": loss_x.detach(), "loss_s": loss_s.detach()})
         logs.update(teaching.diagnostics(pl, u["valid"], u.get("oracle_mask")))
-        return StepOutput((loss_x + loss_s) / 2, logs)
+        return StepOutput(self.options.loss_scale * (loss_x + loss_s), logs)

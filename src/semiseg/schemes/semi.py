@@ -78,6 +78,20 @@ class UnsupervisedWeightOptions(SchemeOptions):
 
 
 @dataclass
+class LossScaleOptions(SchemeOptions):
+    loss_scale: float = 0.5
+    """The step's loss is loss_scale * (L_x + L_u). 0.5 is UniMatch's (L_x + L_u) / 2 (its
+    paper and released code, and the released FixMatch, DAW and rank-weighting code built on
+    it). 1.0 is FixMatch's paper (L_s + lambda_u L_u with lambda_u = 1, Sohn et al. 2020) and
+    DAW's paper (L = L_s + L_u, Sec. 3.1): the labeled images then train at the rate they have
+    in supervised-only training at the same learning rate, where 0.5 halves it."""
+
+    def validate(self) -> None:
+        super().validate()
+        self.require(self.loss_scale > 0, "loss_scale", "must be > 0")
+
+
+@dataclass
 class TeacherDecayOptions(SchemeOptions):
     teacher_decay: float = 0.99
     """EMA decay of the teacher(s), warmed up as min(1 - 1/(step+1), decay)."""

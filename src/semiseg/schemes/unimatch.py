@@ -10,16 +10,17 @@ from dataclasses import dataclass
 import torch
 
 from semiseg.schemes.base import EvalEMAOptions, StepOutput, Views
-from semiseg.schemes.semi import SemiOptions, SemiScheme, paste
+from semiseg.schemes.semi import LossScaleOptions, SemiOptions, SemiScheme, paste
 
 
 @dataclass
-class UniMatchOptions(SemiOptions, EvalEMAOptions):
+class UniMatchOptions(SemiOptions, EvalEMAOptions, LossScaleOptions):
     name: str = "unimatch"
 
 
 class UniMatchScheme(SemiScheme):
-    """loss = (L_x + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp) / 2, UniMatch's fixed weights.
+    """loss = loss_scale * (L_x + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp), UniMatch's fixed weights
+    (loss_scale 0.5 is UniMatch's / 2; 1.0 is DAW's paper, L = L_s + L_u).
 
     The weak view is predicted together with the labeled batch (train-mode BatchNorm) and
     its feature-perturbed copy (Dropout2d(0.5) on encoder features) gives L_fp; both strong
@@ -29,7 +30,7 @@ class UniMatchScheme(SemiScheme):
 
     name = "unimatch"
     Options = UniMatchOptions
-    summary = "two strong views with CutMix + a feature-perturbed stream; (L_x + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp) / 2"
+    summary = "two strong views with CutMix + a feature-perturbed stream; loss_scale * (L_x + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp), 0.5 by default"
     views = Views(strong=2, boxes=2)
 
     def training_step(
@@ -70,12 +71,12 @@ class UniMatchScheme(SemiScheme):
         )
         losses["loss_fp"] = teaching.loss(logits_fp, pl, u["valid"])
         losses.update(teaching.combine({k: losses[k] for k in ("loss_s1", "loss_s2", "loss_fp")}))
-        loss = (
+        loss = self.options.loss_scale * (
             losses["loss_x"]
             + 0.25 * losses["loss_s1"]
             + 0.25 * losses["loss_s2"]
             + 0.5 * losses["loss_fp"]
-        ) / 2
+        )
         logs.update({k: v.detach() for k, v in losses.items()})
         logs.update(teaching.diagnostics(pl, u["valid"], u.get("oracle_mask")))
         return StepOutput(loss, logs)
