@@ -1,0 +1,122 @@
+"""Per-class quality of a checkpoint's confident pseudo labels on images with known masks.
+
+A threshold policy trains on the pixels whose top probability reaches the threshold. Their
+overall accuracy (the `oracle/acc_used` the runs log) can be high while a rare class's
+pixels are mostly labeled as a frequent one: the few wrong labels are then the tail
+classes' pixels, and training on them teaches the network to drop those classes. This
+script shows that split per class, for each checkpoint, on a list whose masks no training
+loss read (by default the run's unlabeled list):
+
+- `pixels`: the class's share of the list's labeled pixels;
+- `used`: the share of the class's pixels that get a confident label (any class);
+- `kept right`: of those, the share labeled with the right class (per-class recall among the
+  used pixels; 1 - this is the share of the class taught as something else);
+- `label precision`: of the confident pixels labeled with the class, the share that are it;
+- `taught as`: the class most of its wrongly labeled confident pixels get.
+
+The networks run in evaluation mode on whole images (the run's `data.eval_mode`), not on the
+training-mode weak crops the schemes label, so the numbers describe the checkpoint's
+labels, not exactly a step's.
+
+    python benchmarks/pseudo_label_classes.py RUN_A/latest.pt RUN_B/latest.pt --threshold 0.95
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from semiseg.data.dataset import SegmentationDataset
+from semiseg.data.formats import get_format
+from semiseg.data.splits import read_split, resolve_list
+from semiseg.data.transforms import eval_transform
+from semiseg.evaluation import confusion_matrix, predict_logits
+from semiseg.inference import load_trained_model
+
+
+@torch.no_grad()
+def confident_confusion(model, cfg, samples, fmt, num_classes, threshold, device) -> torch.Tensor:
+    """int64 [C, C+1]: ground truth t against confident label p, column C for unused pixels."""
+    data = cfg.data
+    size = data.eval_size or data.crop_size
+    dataset = SegmentationDataset(
+        samples, fmt, eval_transform(data.eval_mode, size), with_mask=True
+    )
+    counts = torch.zeros(num_classes, num_classes + 1, dtype=torch.int64)
+    for batch in tqdm(DataLoader(dataset, batch_size=1, num_workers=1), leave=False):
+        mask = batch["mask"].to(device)
+        logits = predict_logits(
+            model,
+            batch["image"].to(device),
+            num_classes,
+            tuple(mask.shape[-2:]),
+            data.eval_mode,
+            size,
+        )
+        confidence, label = logits.float().softmax(dim=1).max(dim=1)
+        label = torch.where(confidence >= threshold, label, num_classes)
+        counts += confusion_matrix(label, mask, num_classes + 1)[:num_classes]
+    return counts
+
+
+def class_table(counts: torch.Tensor, names: list[str]) -> list[str]:
+    num_classes = counts.shape[0]
+    counts = counts.double()
+    total = counts.sum()
+    used = counts[:, :num_classes]
+    rows = [
+        "| class | pixels | used | kept right | label precision | taught as (share of its wrong labels) |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for c, name in enumerate(names):
+        n_used = used[c].sum()
+        wrong = used[c].clone()
+        wrong[c] = 0
+        top = int(wrong.argmax())
+        taught = (
+            f"{names[top]} ({100 * wrong[top] / wrong.sum():.0f} %)" if wrong.sum() > 0 else "-"
+        )
+        labeled_c = used[:, c].sum()
+        rows.append(
+            f"| {name} | {100 * counts[c].sum() / total:.1f} % "
+            f"| {100 * n_used / counts[c].sum().clamp(min=1):.1f} % "
+            f"| {100 * used[c, c] / n_used.clamp(min=1):.1f} % "
+            f"| {100 * used[c, c] / labeled_c.clamp(min=1):.1f} % | {taught} |"
+        )
+    right = used.diagonal().sum()
+    rows.append(
+        f"| all | 100 % | {100 * used.sum() / total:.1f} % | {100 * right / used.sum():.1f} % "
+        f"| {100 * right / used.sum():.1f} % | |"
+    )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoints", nargs="+")
+    parser.add_argument("--threshold", type=float, default=0.95)
+    parser.add_argument("--list", help="split list with masks (default: the run's unlabeled list)")
+    args = parser.parse_args()
+    if not 0 <= args.threshold <= 1:
+        parser.error(f"--threshold must be in [0, 1], got {args.threshold}")
+    device = torch.device("cpu")
+    for path in args.checkpoints:
+        model, cfg, ckpt = load_trained_model(path, device)
+        num_classes = ckpt["num_classes"]
+        fmt = get_format(cfg.data.format, num_classes, ckpt["class_names"])
+        root = Path(cfg.data.root)
+        listed = args.list or cfg.data.unlabeled
+        if not listed:
+            parser.error(f"{path}: the run has no unlabeled list; pass --list")
+        samples = read_split(resolve_list(listed, root), root, require_mask=True)
+        counts = confident_confusion(model, cfg, samples, fmt, num_classes, args.threshold, device)
+        print(f"\n{path}: confidence >= {args.threshold} on {len(samples)} images of {listed}\n")
+        print("\n".join(class_table(counts, list(ckpt["class_names"]))), flush=True)
+
+
+if __name__ == "__main__":
+    main()
