@@ -11,6 +11,12 @@ are skipped when averaging.
 
 `--final iou/Pedestrian iou/Bicyclist ...` instead tabulates final evaluation scores
 (RUN/final.json), one row per method, averaged over the seeds, in percent.
+
+`--pseudo-counts` tabulates what each self-training round labeled: per class, the share of
+the labeled set's pixels, then for every method and seed the pixels that reached the
+thresholds and the pixels written (they differ only where a method samples, as DARS does),
+with the KL divergence of the written labels to the labeled class distribution (DARS
+Table 5). Read from RUN/final.json's rounds and RUN/round<k>/pseudo/stats.json.
 """
 
 from __future__ import annotations
@@ -50,21 +56,30 @@ def main() -> None:
         "--final", nargs="+", help="final evaluation scores (final.json), mean over seeds"
     )
     parser.add_argument(
+        "--pseudo-counts",
+        action="store_true",
+        help="per-class pixel counts of the self-training rounds' pseudo labels",
+    )
+    parser.add_argument("--round", type=int, default=1, help="with --pseudo-counts")
+    parser.add_argument(
         "--parts", type=int, default=2, help="compare the first and last 1/parts of training"
     )
     parser.add_argument("--digits", type=int, default=3)
     args = parser.parse_args()
-    if bool(args.keys) == bool(args.final):
-        parser.error("give either --keys or --final")
+    if sum(map(bool, (args.keys, args.final, args.pseudo_counts))) != 1:
+        parser.error("give one of --keys, --final and --pseudo-counts")
     if args.final:
         print_final(args)
+        return
+    if args.pseudo_counts:
+        print_pseudo_counts(args)
         return
 
     print("| method | seed | " + " | ".join(args.keys) + " |")
     print("|---|---:|" + "---:|" * len(args.keys))
     for method in args.methods:
         for seed in args.seeds:
-            path = RunFolder(args.root / method / f"seed{seed}").metrics
+            path = RunFolder(args.root / method / f"seed{seed}").metrics_folder().metrics
             if not path.is_file():
                 raise SystemExit(f"no metrics log at {path}")
             records = read_metrics(path)
@@ -94,6 +109,43 @@ def print_final(args: argparse.Namespace) -> None:
             values = [100 * s[key] for s in scores if key in s]
             cells.append(f"{sum(values) / len(values):.1f}" if values else "-")
         print(f"| {method} | " + " | ".join(cells) + " |")
+
+
+def round_counts(run: RunFolder, k: int) -> tuple[list[str], dict, dict]:
+    """Class names (in the model's order), round k's record from final.json and that
+    round's generation statistics."""
+    final = run.read_final()
+    if final is None:
+        raise SystemExit(f"no final scores at {run.final} (is the run finished?)")
+    rounds = {r["round"]: r for r in final.get("rounds", [])}
+    if k not in rounds or "final" not in rounds[k]:
+        raise SystemExit(f"{run.final} has no self-training round {k}")
+    names = [key[len("iou/") :] for key in final["final"] if key.startswith("iou/")]
+    stats_path = run.round(k).pseudo_labels / "stats.json"
+    stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
+    return names, rounds[k], stats
+
+
+def print_pseudo_counts(args: argparse.Namespace) -> None:
+    columns, names, ratio = [], None, None
+    for method in args.methods:
+        for seed in args.seeds:
+            names, record, stats = round_counts(
+                RunFolder(args.root / method / f"seed{seed}"), args.round
+            )
+            ratio = ratio or stats.get("labeled_ratio")
+            columns.append((f"{method} s{seed}", record))
+    header = "| class | labeled % | " + " | ".join(f"{c} thresholded / written" for c, _ in columns)
+    print(header + " |")
+    print("|---|---:|" + "---:|" * len(columns))
+    for j, name in enumerate(names):
+        share = f"{100 * ratio[j]:.2f}" if ratio else "-"
+        cells = [f"{r['thresholded'][j]:,} / {r['final'][j]:,}" for _, r in columns]
+        print(f"| {name} | {share} | " + " | ".join(cells) + " |")
+    totals = [f"{sum(r['thresholded']):,} / {sum(r['final']):,}" for _, r in columns]
+    print("| total | 100 | " + " | ".join(totals) + " |")
+    kls = [f"{r['kl_thresholded']:.4f} / {r['kl_final']:.4f}" for _, r in columns]
+    print("| KL to labeled | | " + " | ".join(kls) + " |")
 
 
 if __name__ == "__main__":
