@@ -19,6 +19,12 @@ training-mode weak crops the schemes label, so the numbers describe the checkpoi
 labels, not exactly a step's.
 
     python benchmarks/pseudo_label_classes.py RUN_A/latest.pt RUN_B/latest.pt --threshold 0.95
+
+`--labels` scores written pseudo-label sets instead (an offline self-training round's
+`pseudo/` folder, whose round folder holds the config that says where the data is): a pixel
+is used when the set labels it (not 255), against the images' own masks.
+
+    python benchmarks/pseudo_label_classes.py --labels RUN/seed0/round1/pseudo
 """
 
 from __future__ import annotations
@@ -30,12 +36,14 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from semiseg.config import load_saved_config
 from semiseg.data.dataset import SegmentationDataset
-from semiseg.data.formats import get_format
+from semiseg.data.formats import DataError, get_format, read_label_image
 from semiseg.data.splits import read_split, resolve_list
 from semiseg.data.transforms import eval_transform
 from semiseg.evaluation import confusion_matrix, predict_logits
 from semiseg.inference import load_trained_model
+from semiseg.run_folder import PseudoLabelFolder
 
 
 @torch.no_grad()
@@ -61,6 +69,36 @@ def confident_confusion(model, cfg, samples, fmt, num_classes, threshold, device
         label = torch.where(confidence >= threshold, label, num_classes)
         counts += confusion_matrix(label, mask, num_classes + 1)[:num_classes]
     return counts
+
+
+def written_confusion(folder: Path) -> tuple[torch.Tensor, list[str], int]:
+    """int64 [C, C+1] of a written pseudo-label set against the images' own masks (column C:
+    pixels the set leaves at 255), the class names and the number of images."""
+    pseudo = PseudoLabelFolder(folder)
+    config = folder.parent / "config.yaml"
+    if not pseudo.split_list.is_file() or not config.is_file():
+        raise DataError(
+            f"{folder}: not a round's pseudo-label folder (needs list.txt and ../config.yaml)"
+        )
+    cfg = load_saved_config(config)
+    root = Path(cfg.data.root)
+    fmt = get_format(cfg.data.format, cfg.data.num_classes, cfg.data.class_names, root=root)
+    num_classes = len(fmt.class_names)
+    truth = {
+        s.image: s.mask for s in read_split(resolve_list(cfg.data.unlabeled, root), root, True)
+    }
+    written = read_split(pseudo.split_list, root, require_mask=True)
+    counts = torch.zeros(num_classes, num_classes + 1, dtype=torch.int64)
+    for sample in tqdm(written, leave=False):
+        if sample.image not in truth:
+            raise DataError(f"{pseudo.split_list}: {sample.image} is not in {cfg.data.unlabeled}")
+        mask = torch.from_numpy(fmt.load_mask(truth[sample.image]).astype("int64"))
+        label = torch.from_numpy(read_label_image(sample.mask).astype("int64"))
+        if label.shape != mask.shape:
+            raise DataError(f"{sample.mask}: size {tuple(label.shape)}, mask {tuple(mask.shape)}")
+        label = torch.where(label == 255, num_classes, label)
+        counts += confusion_matrix(label, mask, num_classes + 1)[:num_classes]
+    return counts, list(fmt.class_names), len(written)
 
 
 def class_table(counts: torch.Tensor, names: list[str]) -> list[str]:
@@ -97,12 +135,21 @@ def class_table(counts: torch.Tensor, names: list[str]) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoints", nargs="+")
+    parser.add_argument("checkpoints", nargs="*")
+    parser.add_argument(
+        "--labels", nargs="+", type=Path, default=[], help="written pseudo-label folders to score"
+    )
     parser.add_argument("--threshold", type=float, default=0.95)
     parser.add_argument("--list", help="split list with masks (default: the run's unlabeled list)")
     args = parser.parse_args()
     if not 0 <= args.threshold <= 1:
         parser.error(f"--threshold must be in [0, 1], got {args.threshold}")
+    if not args.checkpoints and not args.labels:
+        parser.error("give checkpoints or --labels folders")
+    for folder in args.labels:
+        counts, names, images = written_confusion(folder)
+        print(f"\n{folder}: written labels of {images} images\n")
+        print("\n".join(class_table(counts, names)), flush=True)
     device = torch.device("cpu")
     for path in args.checkpoints:
         model, cfg, ckpt = load_trained_model(path, device)
