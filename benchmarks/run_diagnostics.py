@@ -144,7 +144,7 @@ def print_pseudo_counts(args: argparse.Namespace) -> None:
         print(f"| {name} | {share} | " + " | ".join(cells) + " |")
     totals = [f"{sum(r['thresholded']):,} / {sum(r['final']):,}" for _, r in columns]
     print("| total | 100 | " + " | ".join(totals) + " |")
-    # A KL at the target can come out as -1e-11 in floating point; it is printed as 0.
+    # Records written before dars.kl_divergence clamped at 0 hold about -1e-11 at the target.
     kls = [
         f"{max(r['kl_thresholded'], 0.0):.4f} / {max(r['kl_final'], 0.0):.4f}" for _, r in columns
     ]

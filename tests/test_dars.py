@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -62,6 +63,15 @@ def test_dars_hits_targets_exactly_under_ties_where_da_overfills():
     )
     assert kl_divergence(ratio, torch.tensor(counts(dars, 3))) == pytest.approx(0.0, abs=1e-6)
     assert kl_divergence(ratio, torch.tensor(counts(da, 3))) > 0.1
+
+
+def test_kl_divergence_hand_computed_and_never_negative():
+    reference = torch.tensor([0.5, 0.25, 0.25])
+    # q = (0.25, 0.25, 0.5): 0.5 ln 2 + 0 + 0.25 ln 0.5.
+    expected = 0.5 * math.log(2) + 0.25 * math.log(0.5)
+    assert kl_divergence(reference, torch.tensor([1, 1, 2])) == pytest.approx(expected, rel=1e-9)
+    # Counts in exactly the reference's proportions: eps alone would make this -3e-12.
+    assert kl_divergence(reference, torch.tensor([2_000_000, 1_000_000, 1_000_000])) == 0.0
 
 
 def test_dars_never_predicted_class_and_scarce_class():
