@@ -1,7 +1,9 @@
 """Behaviour kept: the numbers today's schemes, policies and losses compute, frozen.
 
 `tests/data/reference_values.json` holds, recorded before the component redesign (the AVX2
-record; the AVX512 one with the code of commit 0745536, which reproduced it exactly there):
+record, on an AMD EPYC; the AVX512 Intel one with the code of commit 0745536, which
+reproduced it exactly there; the AVX512 AMD one with the code of b8a71d2, which reproduced
+the AVX512 Intel record exactly on an Intel Xeon):
 
 - `steps`: the total loss and every logged scalar of the first five optimiser steps of
   each CamVid CPU preset's scheme (and a few variants: official policy/loss variants, STPG
@@ -12,16 +14,17 @@ record; the AVX512 one with the code of commit 0745536, which reproduced it exac
 - `pseudo_labels`: the class counts of `semiseg pseudo-label` (every generator and variant)
   on the synthetic unlabeled set with one fixed teacher.
 
-The file holds one record per machine fingerprint (torch version, CPU kernel family), and
-the comparison is exact against the record of this machine's: the same kernels give the same
-bits. Across fingerprints it is not: last-bit differences grow over a few SGD steps until a
-pixel crosses a threshold, and from then on the tiny model's losses, a trained teacher's
-pseudo-label counts and DAW's fits part ways (an AVX512 and an AVX2 machine differ by 5 % at
-step 5 with the same code). On a machine without a record only the first `FOREIGN_STEPS`
-steps are compared, with a tight relative tolerance. `python tests/test_unchanged.py
---record` adds (or replaces) this machine's record: run it with the code of a commit whose
-numbers are the reference, never to make a change pass. An entry a record lacks (re-recorded
-on another machine after an intended change) is skipped there with a warning.
+The file holds one record per machine fingerprint (torch version, CPU kernel family, CPU
+vendor), and the comparison is exact against the record of this machine's: the same kernels
+give the same bits. Across fingerprints it is not: last-bit differences grow over a few SGD
+steps until a pixel crosses a threshold, and from then on the tiny model's losses, a trained
+teacher's pseudo-label counts and DAW's fits part ways (an AVX512 and an AVX2 machine differ
+by 5 % at step 5 with the same code). On a machine without a record only the first
+`FOREIGN_STEPS` steps are compared, with a tight relative tolerance. `python
+tests/test_unchanged.py --record` adds (or replaces) this machine's record: run it with the
+code of a commit whose numbers are the reference, never to make a change pass. An entry a
+record lacks (re-recorded on another machine after an intended change) is skipped there with
+a warning.
 """
 
 from __future__ import annotations
@@ -47,8 +50,26 @@ sys.path.insert(0, str(HERE))
 from conftest import tiny_config  # noqa: E402
 
 
+def cpu_vendor() -> str:
+    """The CPU's vendor string (`GenuineIntel`, `AuthenticAMD`), or `unknown`.
+
+    Part of the fingerprint because the kernel family alone does not fix the bits: an AMD
+    EPYC and an Intel Xeon that both report AVX512 differ in the last bit from the first
+    optimiser step on (observed 2026-12-04), with the same code and torch build.
+    """
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
 def fingerprint() -> str:
-    return f"torch {torch.__version__} | {torch.backends.cpu.get_cpu_capability()} | {platform.machine()}"
+    return (
+        f"torch {torch.__version__} | {torch.backends.cpu.get_cpu_capability()} | "
+        f"{platform.machine()} | {cpu_vendor()}"
+    )
 
 
 # Variants beyond the presets: other code paths that must keep their numbers.
