@@ -4,9 +4,10 @@
 
 `benchmarks/gpu_grid.sh` calls it on the GPU machine. Steps:
 
-1. **Calibrate** (`--calibrate-iterations` steps): one process per row that starts from
-   ImageNet (seed 0), all at once, into a scratch folder. Each logs its s/iter while the
-   others share the GPU and the CPU cores.
+1. **Calibrate** (`--calibrate-iterations` steps): every (row, seed) that starts from
+   ImageNet, all at once (the main phase's load), into a scratch folder. Each logs its
+   s/iter while the others share the GPU and the CPU cores; a row's cost is the median
+   over its seeds.
 2. **Size.** The main phase runs P = rows x seeds processes where the calibration ran R, so
    each step takes about P / R times longer, if the machine was already saturated at R.
    The iterations N are the largest multiple of 100 that fit the time left with the
@@ -20,8 +21,11 @@
    still going at the deadline is stopped (it keeps its checkpoint; running the script
    again resumes it).
 4. **Report**: `semiseg bench DERIVED --report` writes the table of the finished runs; with
-   `--out`, the table and every finished run's final.json, metrics.jsonl and config.yaml are
-   copied there.
+   `--out`, the table is copied there, and every finished run's final.json, metrics.jsonl
+   and config.yaml, the derived grid and every process's log go into one `runs.tar.gz`
+   (the device tool brings back 8 files at most, none deeper than two folders), with
+   `utilization.csv`: GPU and CPU load every 5 s of the whole call, to say which one bounds
+   the step.
 
 `--iterations N` skips the calibration. Nothing here names a method: rows and their
 dependencies come from the grid.
@@ -35,6 +39,8 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -69,33 +75,38 @@ def _environment() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def calibrate(grid, rows: list[str], iterations: int, scratch: Path) -> dict[str, float]:
-    """Median s/iter of each row's last logged windows with all rows running at once."""
+def calibrate(
+    grid, runs: list[tuple[str, int]], iterations: int, scratch: Path
+) -> dict[str, float]:
+    """Each row's s/iter with all `runs` (row, seed) going at once: the median over its
+    seeds of their logged windows after the first (which holds the start-up)."""
     shutil.rmtree(scratch, ignore_errors=True)
     procs = {}
-    for method in rows:
-        cfg = run_config(grid, method, grid.seeds[0])
+    for method, seed in runs:
+        name = f"{method}-seed{seed}"
+        cfg = run_config(grid, method, seed)
         cfg.train.iterations = iterations
         cfg.train.epochs = None
         cfg.train.eval_every = 10 * iterations
         cfg.train.log_every = max(1, iterations // 4)
-        cfg.output_dir = str(scratch / method)
-        path = scratch / f"{method}.yaml"
+        cfg.output_dir = str(scratch / name)
+        path = scratch / f"{name}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
         save_config(cfg, path)
-        log = (scratch / f"{method}.log").open("w")
-        procs[method] = subprocess.Popen(
+        log = (scratch / f"{name}.log").open("w")
+        procs[method, seed] = subprocess.Popen(
             [sys.executable, "-m", "semiseg", "train", str(path), "--no-progress"],
             stdout=log, stderr=subprocess.STDOUT, env=_environment(),
         )  # fmt: skip
-    costs = {}
-    for method, proc in procs.items():
+    times: dict[str, list[float]] = {}
+    for (method, seed), proc in procs.items():
+        name = f"{method}-seed{seed}"
         if proc.wait() != 0:
-            raise SystemExit(f"calibration of {method} failed: see {scratch / method}.log")
-        records = read_metrics(RunFolder(scratch / method).metrics)
-        times = [r["sec_per_iter"] for r in records if r["split"] == "train"][1:]
-        costs[method] = statistics.median(times)
-    return costs
+            raise SystemExit(f"calibration of {name} failed: see {scratch / name}.log")
+        records = read_metrics(RunFolder(scratch / name).metrics)
+        windows = [r["sec_per_iter"] for r in records if r["split"] == "train"][1:]
+        times.setdefault(method, []).extend(windows)
+    return {method: statistics.median(t) for method, t in times.items()}
 
 
 def size_iterations(
@@ -172,22 +183,64 @@ def run_all(path: Path, deadline: float, logs: Path) -> None:
         time.sleep(2)
 
 
-def copy_results(grid, out: Path) -> None:
-    for method in grid.methods:
-        for seed in grid.seeds:
-            folder = run_dir(grid, method, seed)
-            if not RunFolder(folder).read_final():
-                continue
-            target = out / "runs" / method / f"seed{seed}"
-            target.mkdir(parents=True, exist_ok=True)
-            run = RunFolder(folder)
-            shutil.copyfile(run.metrics_folder().metrics, target / "metrics.jsonl")
-            for name in ("final.json", "config.yaml"):
-                shutil.copyfile(folder / name, target / name)
+def copy_results(grid, grid_path: Path, out: Path) -> None:
+    """The table, CSV and plot into `out`; every finished run's records, the derived grid
+    and the logs (of the runs and of the calibration) into `out/runs.tar.gz`, as
+    runs/ROW/seedS/{final.json,metrics.jsonl,config.yaml}, grid.yaml, logs/, calibration/."""
+    out.mkdir(parents=True, exist_ok=True)
+    folder = Path(grid.output_dir)
+    with tarfile.open(out / "runs.tar.gz", "w:gz") as tar:
+        for method in grid.methods:
+            for seed in grid.seeds:
+                run = RunFolder(run_dir(grid, method, seed))
+                if not run.read_final():
+                    continue
+                target = f"runs/{method}/seed{seed}"
+                tar.add(run.metrics_folder().metrics, f"{target}/metrics.jsonl")
+                for name in ("final.json", "config.yaml"):
+                    tar.add(run.path / name, f"{target}/{name}")
+        tar.add(grid_path, "grid.yaml")
+        for logs in ("logs", "calibration"):
+            for log in sorted((folder / logs).glob("*.log")):
+                tar.add(log, f"{logs}/{log.name}")
     for suffix in (".md", ".csv", ".png"):
-        table = Path(grid.output_dir) / f"{grid.name}{suffix}"
+        table = folder / f"{grid.name}{suffix}"
         if table.is_file():
             shutil.copyfile(table, out / table.name)
+
+
+def _cpu_busy(previous: list[int]) -> tuple[float, list[int]]:
+    """Share of all cores busy since `previous` (the /proc/stat counters), and the counters."""
+    with open("/proc/stat") as stat:
+        counters = [int(x) for x in stat.readline().split()[1:]]
+    idle = counters[3] + counters[4]  # idle and iowait
+    if not previous:
+        return float("nan"), counters
+    total = sum(counters) - sum(previous)
+    return 1 - (idle - previous[3] - previous[4]) / max(total, 1), counters
+
+
+def sample_utilization(path: Path, stop: threading.Event, every: float = 5.0) -> None:
+    """Every `every` s until `stop`: seconds since start, GPU utilisation and memory (from
+    nvidia-smi, empty without one) and the share of CPU time busy, as CSV lines in `path`."""
+    start = time.monotonic()
+    _, counters = _cpu_busy([])
+    query = [
+        "nvidia-smi",
+        "--query-gpu=utilization.gpu,memory.used",
+        "--format=csv,noheader,nounits",
+    ]
+    with path.open("w") as csv:
+        csv.write("seconds,gpu_util_percent,gpu_memory_mib,cpu_busy\n")
+        while not stop.wait(every):
+            try:
+                gpu = subprocess.run(query, capture_output=True, text=True, timeout=5).stdout
+                gpu = ",".join(x.strip() for x in gpu.strip().splitlines()[0].split(","))
+            except (OSError, subprocess.SubprocessError, IndexError):
+                gpu = ","
+            busy, counters = _cpu_busy(counters)
+            csv.write(f"{time.monotonic() - start:.0f},{gpu},{busy:.3f}\n")
+            csv.flush()
 
 
 def main() -> None:
@@ -203,24 +256,32 @@ def main() -> None:
     grid = load_grid(args.grid)
     folder = Path(grid.output_dir)
     processes = len(grid.methods) * len(grid.seeds)
+    stop = threading.Event()
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        sampler = threading.Thread(
+            target=sample_utilization, args=(args.out / "utilization.csv", stop), daemon=True
+        )
+        sampler.start()
     if args.iterations:
         iterations, bound = args.iterations, "given"
     else:
-        rows = [m for m in grid.methods if not dependencies(grid, m, grid.seeds[0])]
-        costs = calibrate(grid, rows, args.calibrate_iterations, folder / "calibration")
+        runs = [(m, s) for m in grid.methods for s in grid.seeds if not dependencies(grid, m, s)]
+        costs = calibrate(grid, runs, args.calibrate_iterations, folder / "calibration")
         for method, cost in costs.items():
-            print(f"calibration: {method} {cost:.3f} s/iter with {len(rows)} processes at once")
+            print(f"calibration: {method} {cost:.3f} s/iter with {len(runs)} processes at once")
         left = args.budget - (time.monotonic() - start)
-        iterations, bound = size_iterations(grid, costs, processes, len(rows), left)
+        iterations, bound = size_iterations(grid, costs, processes, len(runs), left)
         iterations = min(iterations, args.max_iterations)
     print(f"{processes} runs of {iterations} iterations (bounded by {bound})")
     path = derived_grid(args.grid, grid, iterations, folder)
     # The report and the copies need a few seconds after the last run stops.
     run_all(path, start + args.budget - 20, folder / "logs")
     subprocess.run([sys.executable, "-m", "semiseg", "bench", str(path), "--report"], check=False)
+    stop.set()
     if args.out:
-        copy_results(load_grid(path), args.out)
-        print(f"results copied to {args.out}")
+        copy_results(load_grid(path), path, args.out)
+        print(f"results in {args.out}")
 
 
 if __name__ == "__main__":

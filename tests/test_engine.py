@@ -299,3 +299,23 @@ def test_warm_start_errors_name_the_file(synthetic_root, tmp_path):
     )
     with pytest.raises(ValueError, match="init_from: .*latest.pt does not fit"):
         Trainer(config_from_dict(other), progress=False)
+
+
+@pytest.mark.parametrize("scheme", ["unimatch", "fixmatch"])
+def test_strong_views_made_on_the_training_device(synthetic_root, tmp_path, scheme):
+    cfg = config_from_dict(
+        tiny_config(
+            synthetic_root,
+            tmp_path / "run",
+            data={"strong_augment": "device"},
+            scheme={"name": scheme},
+            train={"iterations": 2, "eval_every": 2},
+        )
+    )
+    result = train(cfg, progress=False)
+    assert result["iteration"] == 2 and 0 <= result["best_miou"] <= 1
+
+
+def test_strong_augment_names_its_choices():
+    with pytest.raises(ConfigError, match="strong_augment"):
+        config_from_dict({"data": {"strong_augment": "gpu"}})

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -84,10 +85,26 @@ def test_tiny_grid_end_to_end(grid_path, tmp_path, monkeypatch, capsys):
     derived = load_grid(tmp_path / "bench" / "tiny-gpu.yaml")
     iterations = int(derived.overrides[-2].split("=")[1])
     assert iterations == 10  # the calibration allows more; --max-iterations caps it
+    # Everything but the table comes back in one archive (the device tool returns 8 files).
+    with tarfile.open(out / "runs.tar.gz") as tar:
+        tar.extractall(tmp_path / "back", filter="data")
+    back = tmp_path / "back"
     for method in ("supervised", "fixmatch", "st"):
-        final = json.loads((out / "runs" / method / "seed0" / "final.json").read_text())
+        final = json.loads((back / "runs" / method / "seed0" / "final.json").read_text())
         assert final["iteration"] == iterations
-        assert (out / "runs" / method / "seed0" / "metrics.jsonl").is_file()
+        assert (back / "runs" / method / "seed0" / "metrics.jsonl").is_file()
+    assert load_grid(back / "grid.yaml").overrides == derived.overrides
+    assert {p.name for p in (back / "logs").iterdir()} == {
+        "supervised-seed0.log", "fixmatch-seed0.log", "st-seed0.log"
+    }  # fmt: skip
+    assert (back / "calibration" / "fixmatch-seed0.log").is_file()
+    lines = (out / "utilization.csv").read_text().splitlines()
+    assert lines[0] == "seconds,gpu_util_percent,gpu_memory_mib,cpu_busy"
+    # One sample every 5 s; the CPU share is a fraction (no GPU here: its fields are empty).
+    assert all(0 <= float(line.split(",")[-1]) <= 1 for line in lines[1:])
+    assert sorted(p.name for p in out.iterdir()) == [
+        "runs.tar.gz", "tiny-gpu.csv", "tiny-gpu.md", "tiny-gpu.png", "utilization.csv"
+    ]  # fmt: skip
     table = (out / "tiny-gpu.md").read_text()
     (st_row,) = [line for line in table.splitlines() if line.startswith("| st | 1 |")]
     assert "| supervised: " in st_row

@@ -74,6 +74,11 @@ class DataConfig:
     unlabeled_batch_size: int | None = None
     """Unlabeled images per step and per process; None means equal to batch_size."""
     workers: int = 2
+    strong_augment: Literal["loader", "device"] = "loader"
+    """Where the strong views of unlabeled images are made: 'loader' (the loader workers, on
+    the CPU) or 'device' (the training process, on the model's device, from the weak crops;
+    the same distribution, other random draws). 'device' for many concurrent runs on one GPU,
+    whose CPU cores cannot otherwise keep up (about 50 ms of CPU per unlabeled image)."""
     cache: bool = False
     """Keep every decoded image and mask in memory after its first read, so later epochs
     augment from memory (each loader worker holds a copy: RAM grows by the decoded set per

@@ -45,7 +45,14 @@ from semiseg.data.detections import DetectionCache
 from semiseg.data.formats import DataError, DatasetFormat, Sample, get_format, require_masks
 from semiseg.data.sampling import ResumableSampler, ShardSampler
 from semiseg.data.splits import read_split, resolve_list
-from semiseg.data.transforms import TrainTransform, UnlabeledTransform, denormalize, eval_transform
+from semiseg.data.transforms import (
+    StrongTransform,
+    TrainTransform,
+    UnlabeledTransform,
+    add_strong_views,
+    denormalize,
+    eval_transform,
+)
 from semiseg.distributed import (
     DistContext,
     all_gather_objects,
@@ -375,6 +382,7 @@ class Trainer:
         self.folder = RunFolder(cfg.output_dir)
         self.run_dir = self.folder.path
         self.scheme_cls = SCHEMES.get(cfg.scheme.name)
+        self.strong_transform = StrongTransform()
         self.detections = detection_cache(cfg)
         self.data = load_data(
             cfg,
@@ -545,6 +553,7 @@ class Trainer:
             strong_views=views.strong,
             boxes=views.boxes,
             cutmix_area=tuple(area) if area is not None else None,
+            strong_on_device=self.cfg.data.strong_augment == "device",
         )
 
     def _streams(self) -> tuple[Iterator, Iterator | None, Iterator | None]:
@@ -840,6 +849,11 @@ class Trainer:
                 raise
             self._save_latest()
             raise TrainingInterrupted(stop.name(), self.iteration, self.folder.latest) from None
+        views = self.scheme_cls.views
+        if self.cfg.data.strong_augment == "device" and views is not None and views.strong:
+            for batch in (unlabeled, mix):
+                if batch is not None:
+                    add_strong_views(batch, self.strong_transform, views.strong)
         return labeled, unlabeled, mix
 
     def _log_window(
