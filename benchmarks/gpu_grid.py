@@ -8,12 +8,11 @@
    ImageNet, all at once (the main phase's load), into a scratch folder. Each logs its
    s/iter while the others share the GPU and the CPU cores; a row's cost is the median
    over its seeds.
-2. **Size.** The main phase runs P = rows x seeds processes where the calibration ran R, so
-   each step takes about P / R times longer, if the machine was already saturated at R.
-   The iterations N are the largest multiple of 100 that fit the time left with the
-   slowest row, or a chain of a row and the rows that start from its checkpoint (offline
-   self-training after its supervised teacher; their step is taken as twice the teacher's,
-   since they cannot be calibrated before a teacher exists), times a safety factor.
+2. **Size.** The iterations N are the largest multiple of 10 that fit the time left with
+   the slowest row, or a chain of a row and the rows that start from its checkpoint
+   (offline self-training after its supervised teacher; their step is taken as twice the
+   teacher's, since they cannot be calibrated before a teacher exists), times a safety
+   factor, every step slowed by the load the uncalibrated rows add (`size_iterations`).
    N is written into a derived grid next to the runs (`train.iterations`, evaluations at
    every fifth), so the table records it.
 3. **Run** every (row, seed) as `python -m semiseg bench DERIVED --methods M --seeds S`, a
@@ -34,6 +33,7 @@ dependencies come from the grid.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import statistics
@@ -42,6 +42,7 @@ import sys
 import tarfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
@@ -76,15 +77,17 @@ def _environment() -> dict[str, str]:
 
 
 def calibrate(
-    grid, runs: list[tuple[str, int]], iterations: int, scratch: Path
+    grid, runs: list[tuple[str, int]], iterations: int, scratch: Path, cuda_sync: str = "auto"
 ) -> dict[str, float]:
     """Each row's s/iter with all `runs` (row, seed) going at once: the median over its
-    seeds of their logged windows after the first (which holds the start-up)."""
+    seeds of their logged windows after the first (which holds the start-up). Prints each
+    row's s/iter and the share of it spent waiting for the data loaders."""
     shutil.rmtree(scratch, ignore_errors=True)
     procs = {}
     for method, seed in runs:
         name = f"{method}-seed{seed}"
         cfg = run_config(grid, method, seed)
+        cfg.train.cuda_sync = cuda_sync
         cfg.train.iterations = iterations
         cfg.train.epochs = None
         cfg.train.eval_every = 10 * iterations
@@ -99,38 +102,76 @@ def calibrate(
             stdout=log, stderr=subprocess.STDOUT, env=_environment(),
         )  # fmt: skip
     times: dict[str, list[float]] = {}
+    waits: dict[str, list[float]] = {}
     for (method, seed), proc in procs.items():
         name = f"{method}-seed{seed}"
         if proc.wait() != 0:
             raise SystemExit(f"calibration of {name} failed: see {scratch / name}.log")
         records = read_metrics(RunFolder(scratch / name).metrics)
-        windows = [r["sec_per_iter"] for r in records if r["split"] == "train"][1:]
-        times.setdefault(method, []).extend(windows)
-    return {method: statistics.median(t) for method, t in times.items()}
+        windows = [r for r in records if r["split"] == "train"][1:]
+        times.setdefault(method, []).extend(r["sec_per_iter"] for r in windows)
+        waits.setdefault(method, []).extend(r["data_wait_share"] for r in windows)
+    costs = {method: statistics.median(t) for method, t in times.items()}
+    for method, cost in costs.items():
+        print(
+            f"calibration: {method} {cost:.3f} s/iter, data wait share "
+            f"{statistics.median(waits[method]):.2f}, with {len(runs)} processes at once"
+        )
+    return costs
 
 
-def size_iterations(
-    grid, costs: dict[str, float], processes: int, concurrent: int, seconds: float
-) -> tuple[int, str]:
-    """N and the row (or chain) that bounds it."""
-    slowdown = processes / concurrent
-    chains = {}
+@contextlib.contextmanager
+def mps_daemon(folder: Path) -> Iterator[None]:
+    """NVIDIA's Multi-Process Service for the duration: the processes' kernels then share
+    the GPU at once instead of taking turns (each run's small kernels fill a fraction of an
+    H200). Changes no setting of the device; the daemon quits on exit."""
+    env = {
+        "CUDA_MPS_PIPE_DIRECTORY": str(folder / "mps-pipe"),
+        "CUDA_MPS_LOG_DIRECTORY": str(folder / "mps-log"),
+    }
+    for path in env.values():
+        Path(path).mkdir(parents=True, exist_ok=True)
+    control = ["nvidia-cuda-mps-control"]
+    try:
+        subprocess.run([*control, "-d"], env={**os.environ, **env}, check=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as err:
+        raise SystemExit(f"--mps: the MPS control daemon did not start: {err}") from None
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        subprocess.run(control, input="quit\n", text=True, timeout=30, check=False)
+        for key in env:
+            os.environ.pop(key)
+
+
+def size_iterations(grid, costs: dict[str, float], seconds: float) -> tuple[int, str]:
+    """N and the row (or chain) that bounds it.
+
+    A row that starts from another run's checkpoint costs SELF_TRAINING_COST times its
+    teacher per step and runs after it (a chain). The calibration ran the rows that start
+    from ImageNet; the main phase adds the dependent rows, so every step is taken as slower
+    by the load they add: (sum of every run's step cost) / (sum of the calibrated runs').
+    N is a multiple of 10 (at least 100)."""
+    chains, step = {}, {}
     for method in grid.methods:
         teachers = {d.parent.name for d in dependencies(grid, method, grid.seeds[0])}
         if teachers:
             teacher = max(costs[t] for t in teachers)
-            chains[f"{'+'.join(sorted(teachers))} then {method}"] = teacher * (
-                1 + SELF_TRAINING_COST
-            )
+            step[method] = teacher * SELF_TRAINING_COST
+            chains[f"{'+'.join(sorted(teachers))} then {method}"] = teacher + step[method]
         else:
-            chains[method] = costs[method]
+            step[method] = chains[method] = costs[method]
+    calibrated = sum(costs[m] for m in grid.methods if m in costs)
+    load = sum(step.values()) / calibrated
     bound = max(chains, key=chains.get)
-    per_iteration = chains[bound] * slowdown
-    iterations = int(SAFETY * seconds / per_iteration) // 100 * 100
+    iterations = int(SAFETY * seconds / (chains[bound] * load)) // 10 * 10
     return max(100, iterations), bound
 
 
-def derived_grid(grid_path: Path, grid, iterations: int, folder: Path) -> Path:
+def derived_grid(
+    grid_path: Path, grid, iterations: int, folder: Path, extra: tuple[str, ...] = ()
+) -> Path:
     data = yaml.safe_load(grid_path.read_text())
     data.pop("rows_from", None)
     data.update(
@@ -142,6 +183,7 @@ def derived_grid(grid_path: Path, grid, iterations: int, folder: Path) -> Path:
             *grid.overrides,
             f"train.iterations={iterations}",
             f"train.eval_every={max(1, iterations // 5)}",
+            *extra,
         ],
     )
     path = folder / f"{grid.name}.yaml"
@@ -251,7 +293,24 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, help="skip the calibration")
     parser.add_argument("--max-iterations", type=int, default=20000)
     parser.add_argument("--out", type=Path, help="copy the table and run records here")
+    parser.add_argument(
+        "--cuda-sync", choices=("auto", "block"), default="auto",
+        help="train.cuda_sync of every run: 'block' stops waiting processes spinning on a core",
+    )  # fmt: skip
+    parser.add_argument("--mps", action="store_true", help="run under NVIDIA MPS")
+    parser.add_argument(
+        "--calibrate-only", nargs="*", metavar="ROW",
+        help="only calibrate (these rows; all that start from ImageNet if none) and stop",
+    )  # fmt: skip
+    parser.add_argument(
+        "--calibrate-seeds", nargs="+", type=int, help="with --calibrate-only: these seeds"
+    )
     args = parser.parse_args()
+    with mps_daemon(Path("/tmp/semiseg-mps")) if args.mps else contextlib.nullcontext():
+        run_grid(args)
+
+
+def run_grid(args: argparse.Namespace) -> None:
     start = time.monotonic()
     grid = load_grid(args.grid)
     folder = Path(grid.output_dir)
@@ -267,14 +326,22 @@ def main() -> None:
         iterations, bound = args.iterations, "given"
     else:
         runs = [(m, s) for m in grid.methods for s in grid.seeds if not dependencies(grid, m, s)]
-        costs = calibrate(grid, runs, args.calibrate_iterations, folder / "calibration")
-        for method, cost in costs.items():
-            print(f"calibration: {method} {cost:.3f} s/iter with {len(runs)} processes at once")
+        if args.calibrate_only:
+            runs = [(m, s) for m, s in runs if m in args.calibrate_only]
+        if args.calibrate_only is not None and args.calibrate_seeds:
+            runs = [(m, s) for m, s in runs if s in args.calibrate_seeds]
+        costs = calibrate(
+            grid, runs, args.calibrate_iterations, folder / "calibration", args.cuda_sync
+        )
+        if args.calibrate_only is not None:
+            stop.set()
+            return
         left = args.budget - (time.monotonic() - start)
-        iterations, bound = size_iterations(grid, costs, processes, len(runs), left)
+        iterations, bound = size_iterations(grid, costs, left)
         iterations = min(iterations, args.max_iterations)
     print(f"{processes} runs of {iterations} iterations (bounded by {bound})")
-    path = derived_grid(args.grid, grid, iterations, folder)
+    extra = ("train.cuda_sync=block",) if args.cuda_sync == "block" else ()
+    path = derived_grid(args.grid, grid, iterations, folder, extra)
     # The report and the copies need a few seconds after the last run stops.
     run_all(path, start + args.budget - 20, folder / "logs")
     subprocess.run([sys.executable, "-m", "semiseg", "bench", str(path), "--report"], check=False)

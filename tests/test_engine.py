@@ -319,3 +319,10 @@ def test_strong_views_made_on_the_training_device(synthetic_root, tmp_path, sche
 def test_strong_augment_names_its_choices():
     with pytest.raises(ConfigError, match="strong_augment"):
         config_from_dict({"data": {"strong_augment": "gpu"}})
+
+
+def test_cuda_sync_names_its_choices(synthetic_root, tmp_path):
+    cfg = tiny_config(synthetic_root, tmp_path / "run", train={"cuda_sync": "block"})
+    assert config_from_dict(cfg).train.cuda_sync == "block"
+    with pytest.raises(ConfigError, match="train.cuda_sync"):
+        config_from_dict({"train": {"cuda_sync": "spin"}})

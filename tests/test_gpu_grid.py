@@ -61,14 +61,14 @@ def test_dependencies_and_sizing(grid_path):
     grid = load_grid(grid_path)
     assert gpu_grid.dependencies(grid, "st", 0) == [run_dir(grid, "supervised", 0)]
     assert gpu_grid.dependencies(grid, "fixmatch", 0) == []
-    # 3 processes where 2 were calibrated: steps 1.5x slower. The chain supervised -> st
-    # costs 0.2 * (1 + 2) = 0.6 s per iteration, more than fixmatch's 0.3:
-    # N = 0.75 * 1000 / (0.6 * 1.5) = 833 -> 800.
+    # The chain supervised -> st costs 0.2 + 0.2 * 2 = 0.6 s per iteration, more than
+    # fixmatch's 0.3; st adds 0.4 s of steps to the calibrated 0.2 + 0.3, a load of 1.8:
+    # N = 0.75 * 1000 / (0.6 * 1.8) = 694 -> 690.
     iterations, bound = gpu_grid.size_iterations(
-        grid, {"supervised": 0.2, "fixmatch": 0.3}, processes=3, concurrent=2, seconds=1000
+        grid, {"supervised": 0.2, "fixmatch": 0.3}, seconds=1000
     )
-    assert (iterations, bound) == (800, "supervised then st")
-    assert gpu_grid.size_iterations(grid, {"supervised": 9, "fixmatch": 9}, 3, 2, 10)[0] == 100
+    assert (iterations, bound) == (690, "supervised then st")
+    assert gpu_grid.size_iterations(grid, {"supervised": 9, "fixmatch": 9}, 10)[0] == 100
 
 
 def test_tiny_grid_end_to_end(grid_path, tmp_path, monkeypatch, capsys):
@@ -108,3 +108,26 @@ def test_tiny_grid_end_to_end(grid_path, tmp_path, monkeypatch, capsys):
     table = (out / "tiny-gpu.md").read_text()
     (st_row,) = [line for line in table.splitlines() if line.startswith("| st | 1 |")]
     assert "| supervised: " in st_row
+
+
+def test_calibrate_only_measures_the_named_rows_and_runs_nothing(grid_path, tmp_path, capsys):
+    import sys
+
+    argv = ["gpu_grid.py", "--grid", str(grid_path), "--calibrate-iterations", "4",
+            "--calibrate-only", "fixmatch", "--cuda-sync", "block"]  # fmt: skip
+    sys.argv, saved = argv, sys.argv
+    try:
+        gpu_grid.main()
+    finally:
+        sys.argv = saved
+    printed = capsys.readouterr().out
+    (line,) = [x for x in printed.splitlines() if x.startswith("calibration:")]
+    assert line.startswith("calibration: fixmatch ") and "data wait share" in line
+    assert "with 1 processes at once" in line
+    # No main phase: no derived grid, no runs. The calibration config asked for blocking
+    # waits, a no-op on the CPU.
+    assert not (tmp_path / "bench" / "tiny-gpu.yaml").exists()
+    calibrated = yaml.safe_load(
+        (tmp_path / "bench" / "calibration" / "fixmatch-seed0.yaml").read_text()
+    )
+    assert calibrated["train"]["cuda_sync"] == "block"

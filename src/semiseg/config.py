@@ -145,6 +145,10 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     """'auto' (cuda when available), 'cpu', 'cuda' or 'cuda:N'; under torchrun each process takes its LOCAL_RANK GPU."""
+    cuda_sync: Literal["auto", "block"] = "auto"
+    """How the process waits for its GPU: 'auto' is CUDA's default (it spins, holding a core,
+    when the machine has more cores than the process has GPUs); 'block' sleeps, leaving the
+    core to others: for many runs sharing one GPU and few cores (`benchmarks/gpu_grid.py`)."""
     amp: Literal["auto", "off", "fp16", "bf16"] = "auto"
     """Mixed precision: 'auto' is bf16 on GPUs that have it (else fp16) and on CPUs with
     AMX bf16 tiles, fp32 elsewhere (`semiseg.precision`); 'off' is fp32."""

@@ -6,6 +6,7 @@ initialised and the same code runs on one CPU or GPU.
 
 from __future__ import annotations
 
+import ctypes
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -53,9 +54,43 @@ def resolve_device(name: str, local_rank: int = 0, key: str = "train.device") ->
     return device
 
 
-def init_distributed(device_name: str = "auto", key: str = "train.device") -> DistContext:
+def block_on_cuda_sync() -> None:
+    """Make this process's host threads sleep while they wait for a GPU, instead of spinning.
+
+    Sets CU_CTX_SCHED_BLOCKING_SYNC on every GPU's primary context (the one torch uses),
+    through the driver, before torch creates it. CUDA's default spins whenever a process has
+    fewer contexts than the machine has cores: right for one run per GPU, but dozens of runs
+    sharing one GPU and 16 cores then spend the cores their data loaders need on waiting.
+    """
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+    except OSError as err:
+        raise ConfigError(f"train.cuda_sync='block' needs the CUDA driver: {err}") from None
+
+    def call(name: str, *args) -> None:
+        code = getattr(driver, name)(*args)
+        if code != 0:
+            raise RuntimeError(f"train.cuda_sync='block': {name} failed with CUDA error {code}")
+
+    count, device = ctypes.c_int(), ctypes.c_int()
+    call("cuInit", 0)
+    call("cuDeviceGetCount", ctypes.byref(count))
+    for index in range(count.value):
+        call("cuDeviceGet", ctypes.byref(device), index)
+        call("cuDevicePrimaryCtxSetFlags", device, _CU_CTX_SCHED_BLOCKING_SYNC)
+
+
+_CU_CTX_SCHED_BLOCKING_SYNC = 0x04
+
+
+def init_distributed(
+    device_name: str = "auto", key: str = "train.device", cuda_sync: str = "auto"
+) -> DistContext:
     """Join the process group launched by torchrun (NCCL on GPU, gloo on CPU), or run alone;
-    `key` names where `device_name` came from, for the error when it cannot be used."""
+    `key` names where `device_name` came from, for the error when it cannot be used.
+    `cuda_sync='block'` calls `block_on_cuda_sync` first, when the run will use a GPU."""
+    if cuda_sync == "block" and device_name != "cpu" and torch.cuda.is_available():
+        block_on_cuda_sync()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -369,7 +369,7 @@ class Trainer:
     """Builds everything a run needs from a `Config` and trains it; `run()` returns the final scores."""
 
     def __init__(self, cfg: Config, *, restart: bool = False, progress: bool = True):
-        self.ctx: DistContext = init_distributed(cfg.train.device)
+        self.ctx: DistContext = init_distributed(cfg.train.device, cuda_sync=cfg.train.cuda_sync)
         cfg, schedule_note = resolve_schedule(cfg, self.ctx.world_size)
         self.cfg = cfg
         if cfg.train.threads:

@@ -124,7 +124,7 @@ def pseudo_label_round(
 def self_train(cfg: Config, *, restart: bool = False, progress: bool = True) -> dict:
     """Every round of `cfg` (scheme `self_training`, no `data.pseudo_labeled`); see the module."""
     # One process group for every round and pseudo-label pass (see DistContext.owner).
-    ctx = init_distributed(cfg.train.device)
+    ctx = init_distributed(cfg.train.device, cuda_sync=cfg.train.cuda_sync)
     try:
         return _rounds(cfg, restart, progress, ctx.world_size)
     finally:
