@@ -310,6 +310,10 @@ def main() -> None:
     parser.add_argument(
         "--calibrate-seeds", nargs="+", type=int, help="with --calibrate-only: these seeds"
     )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="an override for every run, after the grid's own (e.g. data.augment_on=loader)",
+    )  # fmt: skip
     args = parser.parse_args()
     mps = args.mps == "on" or (
         args.mps == "auto"
@@ -324,6 +328,7 @@ def main() -> None:
 def run_grid(args: argparse.Namespace) -> None:
     start = time.monotonic()
     grid = load_grid(args.grid)
+    grid.overrides = [*grid.overrides, *args.set]
     folder = Path(grid.output_dir)
     processes = len(grid.methods) * len(grid.seeds)
     stop = threading.Event()

@@ -448,3 +448,37 @@ def test_synthetic_dataset_refuses_foreign_folder(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(DataError, match="not made by make_synthetic_dataset"):
         make_synthetic_dataset(tmp_path, num_train=2, num_val=1)
+
+
+def test_deferred_items_augmented_on_the_device_equal_the_loaders_batch(tmp_path):
+    from torch.utils.data import default_collate
+
+    from semiseg.data.dataset import augment_on_device, collate_deferred
+    from semiseg.data.transforms import UnlabeledTransform
+
+    samples = folder_dataset(tmp_path)
+    fmt = get_format("folder", root=tmp_path)
+
+    def boxes(index: int, size: tuple[int, int]) -> torch.Tensor:
+        bits = torch.zeros(size, dtype=torch.int64)
+        bits[: size[0] // 2, index:] = 1
+        return bits
+
+    transform = UnlabeledTransform(TrainTransform(8, scale_range=(0.5, 1.5)), cutmix_p=1.0)
+    keys = [(0, 11), (2, 12), (1, 13)]
+    loaders = SegmentationDataset(samples, fmt, transform, detections=boxes)
+    deferred = SegmentationDataset(samples, fmt, transform, detections=boxes, defer=True)
+    item = deferred[keys[0]]
+    assert item["image"].dtype == torch.uint8 and item["seed"] == 11
+    assert set(item) == {"image", "mask", "detections", "seed", "index", "name"}
+    expected = default_collate([loaders[k] for k in keys])
+    got = augment_on_device(collate_deferred([deferred[k] for k in keys]), transform, "cpu")
+    assert got.keys() == expected.keys()
+    assert {"strong1", "box2", "valid", "oracle_mask", "detections"} <= got.keys()
+    for key, value in expected.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(got[key], value), key
+        else:
+            assert got[key] == value, key
+    with pytest.raises(TypeError, match="needs \\(index, seed\\) keys"):
+        deferred[0]

@@ -301,24 +301,47 @@ def test_warm_start_errors_name_the_file(synthetic_root, tmp_path):
         Trainer(config_from_dict(other), progress=False)
 
 
-@pytest.mark.parametrize("scheme", ["unimatch", "fixmatch"])
-def test_strong_views_made_on_the_training_device(synthetic_root, tmp_path, scheme):
-    cfg = config_from_dict(
-        tiny_config(
-            synthetic_root,
-            tmp_path / "run",
-            data={"strong_augment": "device"},
-            scheme={"name": scheme},
-            train={"iterations": 2, "eval_every": 2},
+@pytest.mark.parametrize("scheme", ["unimatch", "cps"])
+def test_augmenting_on_the_device_trains_exactly_as_the_loaders(
+    synthetic_root, tmp_path, scheme, monkeypatch
+):
+    """On the CPU, augment_on=device runs the loaders' transforms with the loaders' draws in
+    the training process: the same batches, so the same weights after a few steps."""
+    import semiseg.engine
+
+    batches = []
+
+    def spy(batch, transform, device):
+        batches.append(len(batch["seed"]))
+        return augment_on_device(batch, transform, device)
+
+    augment_on_device = semiseg.engine.augment_on_device
+    monkeypatch.setattr(semiseg.engine, "augment_on_device", spy)
+    weights = {}
+    for where in ("loader", "device"):
+        cfg = config_from_dict(
+            tiny_config(
+                synthetic_root,
+                tmp_path / where,
+                data={"augment_on": where},
+                scheme={"name": scheme, "oracle_eval": True},
+                train={"iterations": 3, "eval_every": 3},
+            )
         )
-    )
-    result = train(cfg, progress=False)
-    assert result["iteration"] == 2 and 0 <= result["best_miou"] <= 1
+        train(cfg, progress=False)
+        weights[where] = _state(tmp_path / where)["models"]
+        # Only the device run augments in the training process: 3 steps of a labeled batch,
+        # an unlabeled one and a CutMix source (both schemes mix two unlabeled batches), of 4.
+        assert batches == ([] if where == "loader" else [4] * 9)
+    assert weights["loader"].keys() == weights["device"].keys()
+    for name, model in weights["loader"].items():
+        for key, value in model.items():
+            assert torch.equal(value, weights["device"][name][key]), (name, key)
 
 
-def test_strong_augment_names_its_choices():
-    with pytest.raises(ConfigError, match="strong_augment"):
-        config_from_dict({"data": {"strong_augment": "gpu"}})
+def test_augment_on_names_its_choices():
+    with pytest.raises(ConfigError, match="data.augment_on"):
+        config_from_dict({"data": {"augment_on": "gpu"}})
 
 
 def test_cuda_sync_names_its_choices(synthetic_root, tmp_path):

@@ -114,7 +114,8 @@ def test_calibrate_only_measures_the_named_rows_and_runs_nothing(grid_path, tmp_
     import sys
 
     argv = ["gpu_grid.py", "--grid", str(grid_path), "--calibrate-iterations", "4",
-            "--calibrate-only", "fixmatch", "--cuda-sync", "block"]  # fmt: skip
+            "--calibrate-only", "fixmatch", "--cuda-sync", "block",
+            "--set", "data.augment_on=device"]  # fmt: skip
     sys.argv, saved = argv, sys.argv
     try:
         gpu_grid.main()
@@ -131,3 +132,4 @@ def test_calibrate_only_measures_the_named_rows_and_runs_nothing(grid_path, tmp_
         (tmp_path / "bench" / "calibration" / "fixmatch-seed0.yaml").read_text()
     )
     assert calibrated["train"]["cuda_sync"] == "block"
+    assert calibrated["data"]["augment_on"] == "device"

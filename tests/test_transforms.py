@@ -272,39 +272,3 @@ def test_unlabeled_views_share_the_weak_crop_and_mark_padding():
     assert bool((views["oracle_mask"][20:] == 255).all())
     # Void pixels of the oracle mask must not leak into `valid` (only padding does).
     assert int(views["valid"].sum()) == 20 * 30
-
-
-def test_strong_views_on_device_leave_the_weak_crop_and_draw_the_boxes():
-    from semiseg.data.transforms import UnlabeledTransform
-
-    image = torch.randint(0, 256, (3, 20, 30), dtype=torch.uint8)
-    weak = TrainTransform(32, scale_range=(1.0, 1.0), hflip=False)
-    views = UnlabeledTransform(weak, cutmix_p=1.0, strong_on_device=True)(image)
-    assert set(views) == {"image", "crop_uint8", "box1", "box2", "valid"}
-    # The padded 20x30 image, unnormalised: the loader did no photometric work on it.
-    assert views["crop_uint8"].dtype == torch.uint8
-    assert torch.equal(views["crop_uint8"][:, :20, :30], image)
-    assert torch.equal(normalize(views["crop_uint8"]), views["image"])
-    assert bool(views["box1"].any()) and bool(views["box2"].any())
-
-
-def test_add_strong_views_applies_the_strong_transform_per_image():
-    from semiseg.data.transforms import StrongTransform, add_strong_views
-
-    crops = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
-    # Grayscale always, nothing else: each view is the ITU-R 601 luma of its crop in 3 channels.
-    gray = StrongTransform(jitter_p=0.0, grayscale_p=1.0, blur_p=0.0)
-    batch = add_strong_views({"crop_uint8": crops, "image": None}, gray, 2)
-    assert set(batch) == {"image", "strong1", "strong2"}
-    r, g, b = crops.float().unbind(1)
-    luma = (0.2989 * r + 0.587 * g + 0.114 * b).round().clamp(0, 255).to(torch.uint8)
-    expected = normalize(luma.unsqueeze(1).expand(-1, 3, -1, -1))
-    for key in ("strong1", "strong2"):
-        assert batch[key].shape == (2, 3, 8, 8) and batch[key].dtype == torch.float32
-        torch.testing.assert_close(batch[key], expected, atol=1.5 / 255 / 0.224, rtol=0)
-    # The default strong transform draws each image's and each view's jitter anew.
-    same = crops[:1].expand(2, -1, -1, -1).contiguous()
-    torch.manual_seed(0)
-    batch = add_strong_views({"crop_uint8": same}, StrongTransform(jitter_p=1.0), 2)
-    assert not torch.equal(batch["strong1"][0], batch["strong1"][1])
-    assert not torch.equal(batch["strong1"][0], batch["strong2"][0])

@@ -74,11 +74,12 @@ class DataConfig:
     unlabeled_batch_size: int | None = None
     """Unlabeled images per step and per process; None means equal to batch_size."""
     workers: int = 2
-    strong_augment: Literal["loader", "device"] = "loader"
-    """Where the strong views of unlabeled images are made: 'loader' (the loader workers, on
-    the CPU) or 'device' (the training process, on the model's device, from the weak crops;
-    the same distribution, other random draws). 'device' for many concurrent runs on one GPU,
-    whose CPU cores cannot otherwise keep up (about 50 ms of CPU per unlabeled image)."""
+    augment_on: Literal["loader", "device"] = "loader"
+    """Where training samples are augmented: 'loader' (the loader workers, on the CPU) or
+    'device' (the training process, on the model's device: the workers only decode, and each
+    sample is transformed there with the same ops and random draws, so on the CPU the batches
+    are identical). 'device' for many concurrent runs on one GPU, whose CPU cores cannot keep
+    up with their loaders (a UniMatch sample's strong views cost about 50 ms of CPU)."""
     cache: bool = False
     """Keep every decoded image and mask in memory after its first read, so later epochs
     augment from memory (each loader worker holds a copy: RAM grows by the decoded set per

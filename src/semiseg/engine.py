@@ -40,19 +40,17 @@ from semiseg.checkpoint import (
     seed_everything,
 )
 from semiseg.config import Config, ConfigError, config_from_saved, config_to_dict, save_config
-from semiseg.data.dataset import SegmentationDataset, check_samples
+from semiseg.data.dataset import (
+    SegmentationDataset,
+    augment_on_device,
+    check_samples,
+    collate_deferred,
+)
 from semiseg.data.detections import DetectionCache
 from semiseg.data.formats import DataError, DatasetFormat, Sample, get_format, require_masks
 from semiseg.data.sampling import ResumableSampler, ShardSampler
 from semiseg.data.splits import read_split, resolve_list
-from semiseg.data.transforms import (
-    StrongTransform,
-    TrainTransform,
-    UnlabeledTransform,
-    add_strong_views,
-    denormalize,
-    eval_transform,
-)
+from semiseg.data.transforms import TrainTransform, UnlabeledTransform, denormalize, eval_transform
 from semiseg.distributed import (
     DistContext,
     all_gather_objects,
@@ -382,7 +380,6 @@ class Trainer:
         self.folder = RunFolder(cfg.output_dir)
         self.run_dir = self.folder.path
         self.scheme_cls = SCHEMES.get(cfg.scheme.name)
-        self.strong_transform = StrongTransform()
         self.detections = detection_cache(cfg)
         self.data = load_data(
             cfg,
@@ -484,6 +481,7 @@ class Trainer:
         salt: int = 0,
     ) -> Iterator:
         cfg = self.cfg.data
+        on_device = cfg.augment_on == "device"
         dataset = SegmentationDataset(
             samples,
             self.data.fmt,
@@ -491,6 +489,7 @@ class Trainer:
             with_mask=with_mask,
             detections=detections,
             cache=cfg.cache,
+            defer=on_device,
         )
         sampler = ResumableSampler(
             len(samples),
@@ -512,7 +511,11 @@ class Trainer:
             # Its own generator: creating a loader must not draw from the global RNG, whose
             # saved state a resumed run restores (dropout and feature perturbation use it).
             generator=torch.Generator().manual_seed(seed),
+            collate_fn=collate_deferred if on_device else None,
         )
+        if on_device:
+            device = self.ctx.device
+            return (augment_on_device(batch, transform, device) for batch in loader)
         return iter(loader)
 
     def _val_loader(self) -> DataLoader:
@@ -553,7 +556,6 @@ class Trainer:
             strong_views=views.strong,
             boxes=views.boxes,
             cutmix_area=tuple(area) if area is not None else None,
-            strong_on_device=self.cfg.data.strong_augment == "device",
         )
 
     def _streams(self) -> tuple[Iterator, Iterator | None, Iterator | None]:
@@ -849,11 +851,6 @@ class Trainer:
                 raise
             self._save_latest()
             raise TrainingInterrupted(stop.name(), self.iteration, self.folder.latest) from None
-        views = self.scheme_cls.views
-        if self.cfg.data.strong_augment == "device" and views is not None and views.strong:
-            for batch in (unlabeled, mix):
-                if batch is not None:
-                    add_strong_views(batch, self.strong_transform, views.strong)
         return labeled, unlabeled, mix
 
     def _log_window(

@@ -71,6 +71,11 @@ class SegmentationDataset(torch.utils.data.Dataset):
     box bitmask int64 [H, W] per image) the transform also gets `detections=`. With `cache`,
     each decoded image and mask is kept in memory after its first read, so later epochs
     augment from memory; every loader worker holds its own copy.
+
+    With `defer`, an item is the decoded sample untransformed, for `augment_on_device`:
+    'image' uint8 [3, H, W], 'mask' int64 [H, W] (when read), 'detections' (when given) and
+    'seed', plus 'index' and 'name'; keys must then carry a seed. Batch them with
+    `collate_deferred`.
     """
 
     def __init__(
@@ -81,8 +86,10 @@ class SegmentationDataset(torch.utils.data.Dataset):
         with_mask: bool = True,
         detections: Callable[[int, tuple[int, int]], torch.Tensor] | None = None,
         cache: bool = False,
+        defer: bool = False,
     ) -> None:
         self.samples = list(samples)
+        self.defer = defer
         self.fmt = fmt
         self.transform = transform
         self.with_mask = with_mask
@@ -103,7 +110,14 @@ class SegmentationDataset(torch.utils.data.Dataset):
         extra = {}
         if self.detections is not None:
             extra["detections"] = self.detections(index, tuple(pixels.shape[:2]))
-        out = dict(self._transform(image, mask, seed, **extra))
+        if self.defer:
+            if seed is None:
+                raise TypeError(f"a deferred dataset needs (index, seed) keys, got {key!r}")
+            out = {"image": image, "seed": seed, **extra}
+            if mask is not None:
+                out["mask"] = mask
+        else:
+            out = dict(transform_sample(self.transform, image, mask, seed, **extra))
         out["index"] = index
         out["name"] = sample.image.stem
         return out
@@ -140,18 +154,55 @@ class SegmentationDataset(torch.utils.data.Dataset):
             raise DataError(problem)
         return labels
 
-    def _transform(
-        self,
-        image: tv_tensors.Image,
-        mask: tv_tensors.Mask | None,
-        seed: int | None,
-        **extra: torch.Tensor,
-    ) -> dict[str, torch.Tensor]:
-        if seed is None:
-            return self.transform(image, mask, **extra)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return self.transform(image, mask, **extra)
+
+def transform_sample(
+    transform: Transform,
+    image: tv_tensors.Image,
+    mask: tv_tensors.Mask | None,
+    seed: int | None,
+    **extra: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """`transform(image, mask, **extra)`, its draws a function of `seed` alone when given
+    (the caller's RNG state is left as it was)."""
+    if seed is None:
+        return transform(image, mask, **extra)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return transform(image, mask, **extra)
+
+
+def collate_deferred(items: list[dict]) -> dict:
+    """A batch of deferred items: lists of the (differently sized) tensors and seeds, 'index'
+    as a tensor, 'name' as a list."""
+    batch = {key: [item[key] for item in items] for key in items[0]}
+    batch["index"] = torch.tensor(batch["index"])
+    return batch
+
+
+def augment_on_device(batch: dict, transform: Transform, device: torch.device) -> dict:
+    """Transform a `collate_deferred` batch where the model is: each sample moved to `device`
+    and passed to `transform` with its own seed, as the loader workers would on the CPU (same
+    ops, same draws: on the CPU the batch is identical), then stacked. For many runs sharing
+    one GPU, whose CPU cores cannot keep up with their loaders (a UniMatch sample's strong
+    views cost about 50 ms of CPU; its geometric crops 3-9 ms)."""
+    outs = []
+    for i, image in enumerate(batch["image"]):
+        mask = batch["mask"][i].to(device, non_blocking=True) if "mask" in batch else None
+        extra = {}
+        if "detections" in batch:
+            extra["detections"] = batch["detections"][i].to(device, non_blocking=True)
+        outs.append(
+            transform_sample(
+                transform,
+                tv_tensors.Image(image.to(device, non_blocking=True)),
+                None if mask is None else tv_tensors.Mask(mask),
+                batch["seed"][i],
+                **extra,
+            )
+        )
+    out = {key: torch.stack([o[key].to(device) for o in outs]) for key in outs[0]}
+    out["index"], out["name"] = batch["index"], batch["name"]
+    return out
 
 
 def _sample_problems(sample: Sample, fmt: DatasetFormat, deep: bool) -> list[str]:

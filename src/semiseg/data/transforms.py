@@ -358,12 +358,6 @@ class UnlabeledTransform:
     'box1', 'box2' (those asked for), 'valid': bool [h,w]; 'oracle_mask': int64 [h,w] when a
     mask was given; 'detections': int64 [h,w] when a detector box bitmask was given (it
     follows the crop like the mask; 0 on padding)}.
-
-    `strong_on_device=True` leaves the strong views to the training process (see
-    `add_strong_views`): instead of 'strong1'/'strong2' the sample carries the weak crop as
-    'crop_uint8' [3,h,w], and the boxes are drawn without the strong views' draws in between.
-    The photometric ops cost about 20 times the geometric ones on a CPU core (the hue shift
-    and a blur of up to 13 x 13), which starves a GPU shared by many runs.
     """
 
     def __init__(
@@ -376,7 +370,6 @@ class UnlabeledTransform:
         strong_views: int = 2,
         boxes: int = 2,
         cutmix_area: tuple[float, float] | None = None,
-        strong_on_device: bool = False,
     ) -> None:
         _check_probability(cutmix_p, "cutmix_p")
         if not (0 <= strong_views <= 2 and 0 <= boxes <= 2):
@@ -392,7 +385,6 @@ class UnlabeledTransform:
             "area": cutmix_area,
         }
         self.strong_views, self.boxes = strong_views, boxes
-        self.strong_on_device = strong_on_device
 
     def __call__(
         self,
@@ -407,7 +399,7 @@ class UnlabeledTransform:
         # ground truth reaches training. Detector bits ride in the same marker, above the label
         # values (so one nearest-neighbour resampling moves all of them together).
         if mask is None:
-            marker = torch.zeros(height, width, dtype=torch.int64)
+            marker = torch.zeros(height, width, dtype=torch.int64, device=image.device)
         else:
             marker = torch.where(
                 mask == ignore, _ORACLE_VOID, mask.as_subclass(torch.Tensor).long()
@@ -427,12 +419,10 @@ class UnlabeledTransform:
         # still makes its random draws (a strong view on a 1x1 stand-in: the draws of the
         # colour jitter, grayscale and blur do not depend on the image).
         last = max(self.strong_views, self.boxes)
-        if self.strong_on_device and self.strong_views:
-            out["crop_uint8"] = crop.as_subclass(torch.Tensor)
         for i in range(1, last + 1):
-            if i <= self.strong_views and not self.strong_on_device:
+            if i <= self.strong_views:
                 out[f"strong{i}"] = normalize(self.strong(crop))
-            elif not self.strong_on_device:
+            else:
                 self.strong(_STAND_IN)
             if i <= self.boxes or i < last:
                 box = cutmix_box(h, w, **self.cutmix)
@@ -443,17 +433,3 @@ class UnlabeledTransform:
         if detections is not None:
             out["detections"] = detected
         return out
-
-
-def add_strong_views(batch: dict, strong: StrongTransform, views: int) -> dict:
-    """The strong views of an unlabeled batch made where the batch is (the training device).
-
-    batch['crop_uint8'] uint8 [B, 3, h, w] (from `UnlabeledTransform(strong_on_device=True)`)
-    is replaced by 'strong1' .. 'strong{views}', float [B, 3, h, w] normalised: each view of
-    each image is `strong` drawn independently, as on the loader side, one image at a time
-    (the colour jitter draws its factors and the order of its four ops per image).
-    """
-    crops = batch.pop("crop_uint8")
-    for i in range(1, views + 1):
-        batch[f"strong{i}"] = normalize(torch.stack([strong(crop) for crop in crops]))
-    return batch
