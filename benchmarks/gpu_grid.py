@@ -107,7 +107,9 @@ def calibrate(
     for (method, seed), proc in procs.items():
         name = f"{method}-seed{seed}"
         if proc.wait() != 0:
-            raise SystemExit(f"calibration of {name} failed: see {scratch / name}.log")
+            # The device machine's files are gone after the call: the error must be printed.
+            tail = (scratch / f"{name}.log").read_text().splitlines()[-30:]
+            raise SystemExit("\n".join([f"calibration of {name} failed; its log ends:", *tail]))
         records = read_metrics(RunFolder(scratch / name).metrics)
         windows = [r for r in records if r["split"] == "train"][1:]
         times.setdefault(method, []).extend(r["sec_per_iter"] for r in windows)

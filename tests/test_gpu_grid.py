@@ -133,3 +133,16 @@ def test_calibrate_only_measures_the_named_rows_and_runs_nothing(grid_path, tmp_
     )
     assert calibrated["train"]["cuda_sync"] == "block"
     assert calibrated["data"]["augment_on"] == "device"
+
+
+def test_a_failed_calibration_prints_the_end_of_its_log(grid_path, monkeypatch):
+    monkeypatch.setattr(
+        "sys.argv",
+        ["gpu_grid.py", "--grid", str(grid_path), "--calibrate-only", "fixmatch",
+         "--set", "data.labeled=missing/labeled.txt"],
+    )  # fmt: skip
+    with pytest.raises(SystemExit) as failed:
+        gpu_grid.main()
+    message = str(failed.value)
+    assert message.startswith("calibration of fixmatch-seed0 failed; its log ends:")
+    assert "missing/labeled.txt" in message
