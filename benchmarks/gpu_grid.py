@@ -78,7 +78,7 @@ def _environment() -> dict[str, str]:
 
 
 def calibrate(
-    grid, runs: list[tuple[str, int]], iterations: int, scratch: Path, cuda_sync: str = "auto"
+    grid, runs: list[tuple[str, int]], iterations: int, scratch: Path
 ) -> dict[str, float]:
     """Each row's s/iter with all `runs` (row, seed) going at once: the median over its
     seeds of their logged windows after the first (which holds the start-up). Prints each
@@ -88,7 +88,6 @@ def calibrate(
     for method, seed in runs:
         name = f"{method}-seed{seed}"
         cfg = run_config(grid, method, seed)
-        cfg.train.cuda_sync = cuda_sync
         cfg.train.iterations = iterations
         cfg.train.epochs = None
         cfg.train.eval_every = 10 * iterations
@@ -172,9 +171,7 @@ def size_iterations(grid, costs: dict[str, float], seconds: float) -> tuple[int,
     return max(100, iterations), bound
 
 
-def derived_grid(
-    grid_path: Path, grid, iterations: int, folder: Path, extra: tuple[str, ...] = ()
-) -> Path:
+def derived_grid(grid_path: Path, grid, iterations: int, folder: Path) -> Path:
     data = yaml.safe_load(grid_path.read_text())
     data.pop("rows_from", None)
     data.update(
@@ -186,7 +183,6 @@ def derived_grid(
             *grid.overrides,
             f"train.iterations={iterations}",
             f"train.eval_every={max(1, iterations // 5)}",
-            *extra,
         ],
     )
     path = folder / f"{grid.name}.yaml"
@@ -297,10 +293,6 @@ def main() -> None:
     parser.add_argument("--max-iterations", type=int, default=20000)
     parser.add_argument("--out", type=Path, help="copy the table and run records here")
     parser.add_argument(
-        "--cuda-sync", choices=("auto", "block"), default="auto",
-        help="train.cuda_sync of every run: 'block' stops waiting processes spinning on a core",
-    )  # fmt: skip
-    parser.add_argument(
         "--mps", choices=("auto", "on", "off"), default="auto",
         help="run under NVIDIA MPS; auto: when CUDA and nvidia-cuda-mps-control are there "
         "(on one H200 it halved the slowest row's step with 27 runs at once)",
@@ -322,7 +314,7 @@ def main() -> None:
         and shutil.which("nvidia-cuda-mps-control") is not None
         and torch.cuda.is_available()
     )
-    print(f"MPS: {'on' if mps else 'off'}; CUDA waits: {args.cuda_sync}")
+    print(f"MPS: {'on' if mps else 'off'}")
     with mps_daemon(Path("/tmp/semiseg-mps")) if mps else contextlib.nullcontext():
         run_grid(args)
 
@@ -348,9 +340,7 @@ def run_grid(args: argparse.Namespace) -> None:
             runs = [(m, s) for m, s in runs if m in args.calibrate_only]
         if args.calibrate_only is not None and args.calibrate_seeds:
             runs = [(m, s) for m, s in runs if s in args.calibrate_seeds]
-        costs = calibrate(
-            grid, runs, args.calibrate_iterations, folder / "calibration", args.cuda_sync
-        )
+        costs = calibrate(grid, runs, args.calibrate_iterations, folder / "calibration")
         if args.calibrate_only is not None:
             stop.set()
             return
@@ -358,8 +348,7 @@ def run_grid(args: argparse.Namespace) -> None:
         iterations, bound = size_iterations(grid, costs, left)
         iterations = min(iterations, args.max_iterations)
     print(f"{processes} runs of {iterations} iterations (bounded by {bound})")
-    extra = ("train.cuda_sync=block",) if args.cuda_sync == "block" else ()
-    path = derived_grid(args.grid, grid, iterations, folder, extra)
+    path = derived_grid(args.grid, grid, iterations, folder)
     # The report and the copies need a few seconds after the last run stops.
     run_all(path, start + args.budget - 20, folder / "logs")
     subprocess.run([sys.executable, "-m", "semiseg", "bench", str(path), "--report"], check=False)

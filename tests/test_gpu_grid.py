@@ -114,7 +114,7 @@ def test_calibrate_only_measures_the_named_rows_and_runs_nothing(grid_path, tmp_
     import sys
 
     argv = ["gpu_grid.py", "--grid", str(grid_path), "--calibrate-iterations", "4",
-            "--calibrate-only", "fixmatch", "--cuda-sync", "block",
+            "--calibrate-only", "fixmatch", "--set", "train.cuda_sync=block",
             "--set", "data.augment_on=device"]  # fmt: skip
     sys.argv, saved = argv, sys.argv
     try:

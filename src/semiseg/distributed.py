@@ -54,6 +54,9 @@ def resolve_device(name: str, local_rank: int = 0, key: str = "train.device") ->
     return device
 
 
+_CU_CTX_SCHED_BLOCKING_SYNC = 0x04
+
+
 def block_on_cuda_sync() -> None:
     """Make this process's host threads sleep while they wait for a GPU, instead of spinning.
 
@@ -78,9 +81,6 @@ def block_on_cuda_sync() -> None:
     for index in range(count.value):
         call("cuDeviceGet", ctypes.byref(device), index)
         call("cuDevicePrimaryCtxSetFlags", device, _CU_CTX_SCHED_BLOCKING_SYNC)
-
-
-_CU_CTX_SCHED_BLOCKING_SYNC = 0x04
 
 
 def init_distributed(
