@@ -191,14 +191,31 @@ def derived_grid(grid_path: Path, grid, iterations: int, folder: Path) -> Path:
     return path
 
 
-def run_all(path: Path, deadline: float, logs: Path) -> None:
+def _out_of_memory(log: Path) -> bool:
+    """Whether the run logging to `log` died of CUDA running out of memory."""
+    return "OutOfMemoryError" in log.read_text(errors="replace")[-20000:]
+
+
+def run_all(
+    path: Path, deadline: float, logs: Path, methods: list[str] | None = None, retries: int = 2
+) -> None:
+    """Every (row, seed) of `methods` (all rows if None), each once its teachers have
+    finished. A run that dies of CUDA memory (the rows that start from a teacher's checkpoint
+    join the processes already there) starts again, from its last checkpoint, once another
+    run has finished and freed its memory: at most `retries` times."""
     grid = load_grid(path)
-    waiting = [(m, s) for m in grid.methods for s in grid.seeds]
+    waiting = [(m, s) for m in methods or grid.methods for s in grid.seeds]
     running: dict[tuple[str, int], subprocess.Popen] = {}
+    retried: dict[tuple[str, int], int] = {}
+    # A retried run waits until more runs have finished than had when it failed (or until
+    # nothing else runs).
+    not_before: dict[tuple[str, int], int] = {}
+    finished = 0
     logs.mkdir(parents=True, exist_ok=True)
     while waiting or running:
         for key in list(waiting):
-            if all(RunFolder(d).read_final() for d in dependencies(grid, *key)):
+            teachers = all(RunFolder(d).read_final() for d in dependencies(grid, *key))
+            if teachers and (finished >= not_before.get(key, 0) or not running):
                 log = (logs / f"{key[0]}-seed{key[1]}.log").open("a")
                 running[key] = subprocess.Popen(
                     _command(path, *key), stdout=log, stderr=subprocess.STDOUT,
@@ -206,10 +223,19 @@ def run_all(path: Path, deadline: float, logs: Path) -> None:
                 )  # fmt: skip
                 waiting.remove(key)
         for key, proc in list(running.items()):
-            if proc.poll() is not None:
-                status = "finished" if proc.returncode == 0 else f"failed ({proc.returncode})"
-                print(f"{time.strftime('%H:%M:%S')} {key[0]} seed {key[1]}: {status}")
-                del running[key]
+            if proc.poll() is None:
+                continue
+            del running[key]
+            status = "finished" if proc.returncode == 0 else f"failed ({proc.returncode})"
+            log = logs / f"{key[0]}-seed{key[1]}.log"
+            if proc.returncode == 0:
+                finished += 1
+            elif retried.get(key, 0) < retries and _out_of_memory(log):
+                retried[key] = retried.get(key, 0) + 1
+                not_before[key] = finished + 1
+                waiting.append(key)
+                status += ": out of GPU memory, retried after the next run finishes"
+            print(f"{time.strftime('%H:%M:%S')} {key[0]} seed {key[1]}: {status}")
         if time.monotonic() > deadline:
             for key, proc in running.items():
                 proc.terminate()
@@ -217,9 +243,7 @@ def run_all(path: Path, deadline: float, logs: Path) -> None:
             for proc in running.values():
                 proc.wait()
             for key in waiting:
-                print(
-                    f"deadline: {key[0]} seed {key[1]} never started (its teacher did not finish)"
-                )
+                print(f"deadline: {key[0]} seed {key[1]} never started (or restarted)")
             return
         time.sleep(2)
 
@@ -305,10 +329,16 @@ def main() -> None:
         "--calibrate-seeds", nargs="+", type=int, help="with --calibrate-only: these seeds"
     )
     parser.add_argument(
+        "--methods", nargs="+", metavar="ROW",
+        help="run only these rows (with --iterations; list a row's teacher rows too)",
+    )  # fmt: skip
+    parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE",
         help="an override for every run, after the grid's own (e.g. data.augment_on=loader)",
     )  # fmt: skip
     args = parser.parse_args()
+    if args.methods and not args.iterations:
+        parser.error("--methods needs --iterations: the calibration sizes the whole grid")
     mps = args.mps == "on" or (
         args.mps == "auto"
         and shutil.which("nvidia-cuda-mps-control") is not None
@@ -324,7 +354,10 @@ def run_grid(args: argparse.Namespace) -> None:
     grid = load_grid(args.grid)
     grid.overrides = [*grid.overrides, *args.set]
     folder = Path(grid.output_dir)
-    processes = len(grid.methods) * len(grid.seeds)
+    unknown = sorted(set(args.methods or []) - set(grid.methods))
+    if unknown:
+        raise SystemExit(f"--methods: {', '.join(unknown)} not in {args.grid}")
+    processes = len(args.methods or grid.methods) * len(grid.seeds)
     stop = threading.Event()
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -350,7 +383,7 @@ def run_grid(args: argparse.Namespace) -> None:
     print(f"{processes} runs of {iterations} iterations (bounded by {bound})")
     path = derived_grid(args.grid, grid, iterations, folder)
     # The report and the copies need a few seconds after the last run stops.
-    run_all(path, start + args.budget - 20, folder / "logs")
+    run_all(path, start + args.budget - 20, folder / "logs", args.methods)
     subprocess.run([sys.executable, "-m", "semiseg", "bench", str(path), "--report"], check=False)
     stop.set()
     if args.out:

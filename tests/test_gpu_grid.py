@@ -146,3 +146,49 @@ def test_a_failed_calibration_prints_the_end_of_its_log(grid_path, monkeypatch):
     message = str(failed.value)
     assert message.startswith("calibration of fixmatch-seed0 failed; its log ends:")
     assert "missing/labeled.txt" in message
+
+
+def test_selected_rows_run_and_a_run_out_of_gpu_memory_is_retried(
+    grid_path, tmp_path, monkeypatch, capsys
+):
+    import sys
+
+    real = gpu_grid._command
+    attempts = []
+
+    def command(path, method, seed):
+        attempts.append(method)
+        if method == "fixmatch" and attempts.count("fixmatch") == 1:
+            crash = "print('torch.OutOfMemoryError: CUDA out of memory.'); raise SystemExit(1)"
+            return [sys.executable, "-c", crash]
+        return real(path, method, seed)
+
+    monkeypatch.setattr(gpu_grid, "_command", command)
+    monkeypatch.setattr(
+        "sys.argv",
+        ["gpu_grid.py", "--grid", str(grid_path), "--iterations", "4",
+         "--methods", "supervised", "fixmatch"],
+    )  # fmt: skip
+    gpu_grid.main()
+    printed = capsys.readouterr().out
+    assert "fixmatch seed 0: failed (1): out of GPU memory, retried" in printed
+    assert sorted(attempts) == ["fixmatch", "fixmatch", "supervised"]
+    grid = load_grid(grid_path)
+    for method in ("supervised", "fixmatch"):
+        final = json.loads((run_dir(grid, method, 0) / "final.json").read_text())
+        assert final["iteration"] == 4
+    assert not run_dir(grid, "st", 0).exists()  # not selected
+
+
+def test_unknown_rows_and_rows_without_iterations_are_refused(grid_path, monkeypatch):
+    monkeypatch.setattr(
+        "sys.argv", ["gpu_grid.py", "--grid", str(grid_path), "--iterations", "4",
+                     "--methods", "supervised", "nope"],
+    )  # fmt: skip
+    with pytest.raises(SystemExit, match="nope not in"):
+        gpu_grid.main()
+    monkeypatch.setattr(
+        "sys.argv", ["gpu_grid.py", "--grid", str(grid_path), "--methods", "supervised"]
+    )
+    with pytest.raises(SystemExit):
+        gpu_grid.main()
