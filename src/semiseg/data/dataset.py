@@ -200,7 +200,9 @@ def augment_on_device(batch: dict, transform: Transform, device: torch.device) -
                 **extra,
             )
         )
-    out = {key: torch.stack([o[key].to(device) for o in outs]) for key in outs[0]}
+    # Views the transform makes on the CPU (CutMix boxes) move as one batch: each copy from
+    # host memory waits for the work queued on the device.
+    out = {key: torch.stack([o[key] for o in outs]).to(device) for key in outs[0]}
     out["index"], out["name"] = batch["index"], batch["name"]
     return out
 

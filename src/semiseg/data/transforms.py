@@ -6,6 +6,7 @@ travel as `tv_tensors.Image` uint8 [3, H, W] and masks as `tv_tensors.Mask` int6
 [H, W] until `normalize` turns the image into a float tensor.
 """
 
+import functools
 import math
 
 import torch
@@ -25,10 +26,17 @@ _STAND_IN = torch.zeros(3, 1, 1, dtype=torch.uint8)
 ImageAndMask = tuple[tv_tensors.Image, tv_tensors.Mask | None]
 
 
-def _stats(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    mean = torch.tensor(IMAGENET_MEAN, device=like.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=like.device).view(3, 1, 1)
+@functools.cache
+def _stats_on(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(3, 1, 1)
     return mean, std
+
+
+def _stats(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # Kept per device: building them on a GPU is a copy from host memory that waits for the
+    # work already queued, and `augment_on_device` normalises every view of every sample.
+    return _stats_on(like.device)
 
 
 def normalize(image: torch.Tensor) -> torch.Tensor:
