@@ -26,30 +26,26 @@ _STAND_IN = torch.zeros(3, 1, 1, dtype=torch.uint8)
 ImageAndMask = tuple[tv_tensors.Image, tv_tensors.Mask | None]
 
 
+# Kept per device: building them on a GPU is a copy from host memory that waits for the work
+# already queued, and `augment_on_device` normalises every view of every sample.
 @functools.cache
-def _stats_on(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=device).view(3, 1, 1)
     return mean, std
-
-
-def _stats(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    # Kept per device: building them on a GPU is a copy from host memory that waits for the
-    # work already queued, and `augment_on_device` normalises every view of every sample.
-    return _stats_on(like.device)
 
 
 def normalize(image: torch.Tensor) -> torch.Tensor:
     """uint8 [..., 3, H, W] -> float32 [..., 3, H, W] with ImageNet mean and std."""
     if image.dtype != torch.uint8:
         raise ValueError(f"normalize expects a uint8 image, got {image.dtype}")
-    mean, std = _stats(image)
+    mean, std = _stats(image.device)
     return (image.as_subclass(torch.Tensor).float() / 255 - mean) / std
 
 
 def denormalize(image: torch.Tensor) -> torch.Tensor:
     """Inverse of `normalize`: float [..., 3, H, W] -> uint8 [..., 3, H, W] (for viewing)."""
-    mean, std = _stats(image)
+    mean, std = _stats(image.device)
     pixels = (image.as_subclass(torch.Tensor) * std + mean) * 255
     return pixels.round().clamp(0, 255).to(torch.uint8)
 
