@@ -149,6 +149,9 @@ def test_bench_runs_the_grid_then_reuses_finished_runs(synthetic_root, tmp_path,
     rows = list(csv.DictReader((out / "tiny.csv").open()))
     assert [r["method"] for r in rows] == ["supervised", "fixmatch"]
     assert all(r["seeds"] == "2" for r in rows)
+    # Every run recorded where it trained, and the report says so.
+    assert "| runs (method seed) |" in (out / "tiny.md").read_text()
+    assert "supervised 0, supervised 1, fixmatch 0, fixmatch 1" in (out / "tiny.md").read_text()
     finished = (out / "fixmatch" / "seed1" / "final.json").stat().st_mtime_ns
     capsys.readouterr()
     assert main(["bench", str(grid), "--no-progress"]) == 0

@@ -74,6 +74,10 @@ def test_killed_run_resumes_to_the_same_state(synthetic_root, tmp_path, monkeypa
         r["iteration"] for r in read_metrics(killed / "metrics.jsonl") if r["split"] == "train"
     ]
     assert iterations == [2, 4, 6, 8, 10, 12]
+    # Each start recorded its machine: the first at iteration 0, the resume at 8.
+    starts = [json.loads(line) for line in (killed / "environment.jsonl").read_text().splitlines()]
+    assert [s["iteration"] for s in starts] == [0, 8]
+    assert all(s["torch"] == torch.__version__ for s in starts)
 
 
 def test_resume_refuses_a_different_config(synthetic_root, tmp_path):

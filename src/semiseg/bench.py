@@ -49,6 +49,7 @@ from pathlib import Path
 import yaml
 
 from semiseg.config import ConfigError, build_dataclass, load_config
+from semiseg.environment import machine_label
 from semiseg.files import atomic_write, atomic_write_text
 from semiseg.metrics_log import read_metrics
 from semiseg.run_folder import RunFolder
@@ -129,6 +130,9 @@ class RunResult:
     kl: float | None = None
     """Self-training runs: KL divergence of the last round's pseudo labels to the labeled
     class distribution."""
+    machines: tuple[str, ...] = ()
+    """`environment.machine_label` of each machine the run's training log was written on, in
+    order (two where a resume moved it); empty for runs from before the record existed."""
 
 
 def run_dir(grid: BenchGrid, method: str, seed: int) -> Path:
@@ -142,7 +146,9 @@ def read_result(method: str, seed: int, folder: Path, iterations: int) -> RunRes
     if final.get("iteration") != iterations:
         return None
     # A multi-round self-training run keeps its last round's log in a round folder.
-    records = read_metrics(run.metrics_folder().metrics)
+    log = run.metrics_folder()
+    records = read_metrics(log.metrics)
+    machines = tuple(dict.fromkeys(machine_label(e) for e in log.read_environments()))
     val = [r for r in records if r["split"] == "val"]
     # The first window includes data-loader start-up; the median is robust to it.
     times = [r["sec_per_iter"] for r in records if r["split"] == "train" and "sec_per_iter" in r]
@@ -154,6 +160,7 @@ def read_result(method: str, seed: int, folder: Path, iterations: int) -> RunRes
         statistics.median(times),
         iterations,
         final.get("kl"),
+        machines,
     )
 
 
@@ -334,10 +341,32 @@ def markdown_table(grid: BenchGrid, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(grid: BenchGrid, rows: list[dict], command: str) -> Path:
+def machines_table(results: list[RunResult]) -> str:
+    """Which machine ran which run: the same command gives different results on different
+    CPUs, so a table that pools machines has to say so. Empty when no run recorded its
+    machine (runs from before `environment.jsonl`)."""
+    if not any(r.machines for r in results):
+        return ""
+    by_machine: dict[str, list[str]] = {}
+    for r in results:
+        for machine in r.machines or ("not recorded",):
+            by_machine.setdefault(machine, []).append(f"{r.method} {r.seed}")
+    lines = ["| machine | runs (method seed) |", "|---|---|"]
+    lines += [f"| {machine} | {', '.join(runs)} |" for machine, runs in by_machine.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(grid: BenchGrid, rows: list[dict], command: str, machines: str = "") -> Path:
+    """The table (and `machines_table`'s, when given) as Markdown, the rows as CSV and a
+    bar plot, in the grid's output folder."""
     out = Path(grid.output_dir)
     header = f"# {grid.name}\n\nBase config `{grid.base}`, seeds {grid.seeds}.\n\nCommand: `{command}`\n\n"
-    atomic_write_text(out / f"{grid.name}.md", header + markdown_table(grid, rows))
+    body = markdown_table(grid, rows) + (
+        f"\nMachines (a run resumed on another machine is listed under each):\n\n{machines}"
+        if machines
+        else ""
+    )
+    atomic_write_text(out / f"{grid.name}.md", header + body)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
     writer.writeheader()

@@ -186,6 +186,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from semiseg.bench import (
         finished_results,
         load_grid,
+        machines_table,
         markdown_table,
         run_grid,
         summarize,
@@ -203,8 +204,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         print("no finished runs yet", file=sys.stderr)
         return 1
     rows = summarize(grid, results)
-    path = write_report(grid, rows, command=" ".join(["semiseg", "bench", args.grid]))
+    machines = machines_table(results)
+    path = write_report(
+        grid, rows, command=" ".join(["semiseg", "bench", args.grid]), machines=machines
+    )
     print(markdown_table(grid, rows))
+    if machines:
+        print(machines)
     print(f"table, CSV and bar plot in {path.parent}")
     return 0
 

@@ -60,6 +60,7 @@ from semiseg.distributed import (
     cleanup,
     init_distributed,
 )
+from semiseg.environment import describe as describe_environment
 from semiseg.evaluation import SegmentationScores, evaluate
 from semiseg.files import atomic_write, remove_stale_temporaries
 from semiseg.metrics_log import MetricsLogger
@@ -754,6 +755,9 @@ class Trainer:
             # What writes a kill interrupted left behind (a half-written latest.pt, ...).
             remove_stale_temporaries(self.run_dir)
             save_config(cfg, self.folder.config)
+            self.folder.record_environment(
+                {"iteration": self.iteration, **describe_environment(self.ctx.device)}
+            )
             logger = MetricsLogger(self.run_dir, resume_iteration=self.iteration)
             params = sum(p.numel() for m in self.scheme.models.values() for p in m.parameters())
             unlabeled = len(self.data.unlabeled) if self.data.unlabeled is not None else 0

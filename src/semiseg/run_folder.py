@@ -40,6 +40,7 @@ class RunFolder:
     best = property(lambda self: self.path / "best.pt")
     final = property(lambda self: self.path / "final.json")
     metrics = property(lambda self: self.path / "metrics.jsonl")
+    environment = property(lambda self: self.path / "environment.jsonl")
     tensorboard = property(lambda self: self.path / "tensorboard")
     plots = property(lambda self: self.path / "plots")
 
@@ -65,6 +66,19 @@ class RunFolder:
 
     def write_final(self, record: dict) -> None:
         atomic_write_text(self.final, json.dumps(record, indent=2) + "\n")
+
+    def record_environment(self, record: dict) -> None:
+        """Append one start's machine record (`semiseg.environment.describe`); a line
+        append, like the metrics log's, so a kill loses at most that line."""
+        with self.environment.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def read_environments(self) -> list[dict]:
+        """Every recorded start of this run, oldest first; empty for runs from before the
+        record existed."""
+        if not self.environment.is_file():
+            return []
+        return [json.loads(line) for line in self.environment.read_text().splitlines() if line]
 
     def metrics_folder(self) -> RunFolder:
         """The run folder whose metrics.jsonl holds this run's training log (the last round
