@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import json
 
+import torch
+
+from semiseg import environment
 from semiseg.bench import RunResult, machines_table
-from semiseg.environment import cpu_model, describe, machine_label
+from semiseg.environment import cpu_model, cpu_vendor, describe, machine_label, read_cpuinfo
 from semiseg.run_folder import RunFolder
 
 CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
 model name\t: Intel(R) Xeon(R) Processor
 flags\t\t: fpu sse avx2 avx512f avx512_bf16 amx_bf16 amx_tile
+
 processor\t: 1
-model name\t: Intel(R) Xeon(R) Processor
-flags\t\t: fpu sse avx2 avx512f avx512_bf16 amx_bf16 amx_tile
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) Processor 2
+flags\t\t: fpu sse avx2
 """
 
 
@@ -28,11 +34,23 @@ def test_cpu_model_reads_the_name_and_the_bf16_flags(tmp_path):
     assert isinstance(model, str) and flags == []
 
 
+def test_read_cpuinfo_keeps_the_first_processor(tmp_path, monkeypatch):
+    info = tmp_path / "cpuinfo"
+    info.write_text(CPUINFO)
+    assert read_cpuinfo(info)["model name"] == "Intel(R) Xeon(R) Processor"
+    assert "amx_bf16" in read_cpuinfo(info)["flags"]
+    assert read_cpuinfo(tmp_path / "absent") == {}
+    monkeypatch.setattr(environment, "CPUINFO", info)
+    assert cpu_vendor() == "GenuineIntel"
+    assert describe()["cpu_vendor"] == "GenuineIntel"
+
+
 def test_describe_is_json_and_names_the_software():
     record = json.loads(json.dumps(describe("cpu")))
     assert record["device"] == "cpu" and "gpu" not in record
     assert record["torch"] and record["python"] and record["cores"] >= 1
     assert record["torch_threads"] >= 1
+    assert record["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
 
 
 def test_machine_label_tells_cpu_generations_and_gpus_apart():

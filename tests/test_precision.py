@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from semiseg import precision
+from semiseg import environment, precision
 
 
 def test_auto_is_bf16_on_a_cpu_with_native_bf16_and_fp32_elsewhere(monkeypatch):
@@ -20,7 +20,7 @@ def test_auto_is_bf16_on_a_cpu_with_native_bf16_and_fp32_elsewhere(monkeypatch):
 
 def test_the_bf16_probe_reads_the_cpu_flags(tmp_path, monkeypatch):
     info = tmp_path / "cpuinfo"
-    monkeypatch.setattr(precision, "Path", lambda _: info)
+    monkeypatch.setattr(environment, "CPUINFO", info)
     info.write_text("processor : 0\nflags : fpu sse2 avx2 fma\n")
     assert precision.cpu_has_native_bf16() is False
     # AVX512-BF16 without AMX was slower in bf16 than in fp32 (benchmarks/results/step_speed.md).

@@ -49,20 +49,7 @@ FOREIGN_STEPS = 2
 sys.path.insert(0, str(HERE))
 from conftest import tiny_config  # noqa: E402
 
-
-def cpu_vendor() -> str:
-    """The CPU's vendor string (`GenuineIntel`, `AuthenticAMD`), or `unknown`.
-
-    Part of the fingerprint because the kernel family alone does not fix the bits: an AMD
-    EPYC and an Intel Xeon that both report AVX512 differ in the last bit from the first
-    optimiser step on (observed 2026-12-04), with the same code and torch build.
-    """
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("vendor_id"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
+from semiseg.environment import cpu_vendor  # noqa: E402
 
 
 def fingerprint() -> str:

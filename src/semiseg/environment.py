@@ -17,28 +17,43 @@ from pathlib import Path
 
 import torch
 
+CPUINFO = Path("/proc/cpuinfo")
+
 # The CPU features that change which bf16 kernels run.
 _CPU_FLAGS = ("amx_bf16", "avx512_bf16", "amx_tile", "avx512f", "avx2")
 
 
-def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> tuple[str, list[str]]:
-    """The CPU's model name and which of the bf16-relevant feature flags it has; the
-    model falls back to `platform.processor()` where /proc/cpuinfo is absent (not Linux)."""
-    model, flags = "", set()
+def read_cpuinfo(path: Path | None = None) -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (`model name`, `vendor_id`, `flags`,
+    ...); empty where there is no such file (macOS, Windows)."""
     try:
-        text = cpuinfo.read_text()
+        text = (path or CPUINFO).read_text()
     except OSError:
-        text = ""
+        return {}
+    fields: dict[str, str] = {}
     for line in text.splitlines():
+        if not line.strip():
+            break
         key, _, value = line.partition(":")
-        key = key.strip()
-        if key == "model name" and not model:
-            model = value.strip()
-        elif key == "flags" and not flags:
-            flags = set(value.split())
-    return model or platform.processor() or platform.machine(), [
-        f for f in _CPU_FLAGS if f in flags
-    ]
+        fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def cpu_model(path: Path | None = None) -> tuple[str, list[str]]:
+    """The CPU's model name and which of the bf16-relevant feature flags it has; the
+    model falls back to `platform.processor()` where /proc/cpuinfo is absent."""
+    fields = read_cpuinfo(path)
+    flags = set(fields.get("flags", "").split())
+    model = fields.get("model name") or platform.processor() or platform.machine()
+    return model, [f for f in _CPU_FLAGS if f in flags]
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor string (`GenuineIntel`, `AuthenticAMD`), or `unknown`. The kernel
+    family alone does not fix the bits: an AMD EPYC and an Intel Xeon that both report
+    AVX512 differ in the last bit from the first optimiser step on (observed 2026-12-04),
+    with the same code and torch build."""
+    return read_cpuinfo().get("vendor_id") or platform.processor() or "unknown"
 
 
 def _version(package: str) -> str | None:
@@ -49,8 +64,8 @@ def _version(package: str) -> str | None:
 
 
 def describe(device: torch.device | str = "cpu") -> dict:
-    """One JSON-ready record of this process's machine: time, CPU model and flags, the
-    cores it may use, torch's threads, the Python, torch and semiseg versions, and for a
+    """One JSON-ready record of this process's machine: time, CPU model, vendor, flags and
+    the kernel family torch picked for it, the cores it may use, torch's threads, the Python, torch and semiseg versions, and for a
     CUDA device its name."""
     model, flags = cpu_model()
     try:
@@ -60,7 +75,9 @@ def describe(device: torch.device | str = "cpu") -> dict:
     record = {
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cpu": model,
+        "cpu_vendor": cpu_vendor(),
         "cpu_flags": flags,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cores": cores,
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),

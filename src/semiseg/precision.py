@@ -17,25 +17,19 @@ weighting's top-k sets of bf16 features see more ties, broken by dimension index
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
+
+from semiseg.environment import read_cpuinfo
 
 AMP_DTYPES = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 _BF16_FLAGS = ("amx_bf16",)
 
 
 def cpu_has_native_bf16() -> bool:
-    """The processor has fast bf16 matrix arithmetic (AMX), read from /proc/cpuinfo."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        flags = set()
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("flags"):
-                flags.update(line.split(":", 1)[1].split())
-        return any(flag in flags for flag in _BF16_FLAGS)
-    # No /proc (macOS, Windows): fp32, the safe choice; `train.amp=bf16` forces bf16.
-    return False
+    """The processor has fast bf16 matrix arithmetic (AMX), read from /proc/cpuinfo. No
+    /proc (macOS, Windows) reads as no: fp32, the safe choice; `train.amp=bf16` forces bf16."""
+    flags = read_cpuinfo().get("flags", "").split()
+    return any(flag in flags for flag in _BF16_FLAGS)
 
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
