@@ -73,6 +73,10 @@ def test_run_folder_appends_one_record_per_start(tmp_path):
     run.record_environment({"iteration": 0, "cpu": "a"})
     run.record_environment({"iteration": 8, "cpu": "b"})
     assert [e["iteration"] for e in run.read_environments()] == [0, 8]
+    # A kill mid-append tears the last line: the records before it still read.
+    with run.environment.open("a") as f:
+        f.write('{"iteration": 12, "cp')
+    assert [e["iteration"] for e in run.read_environments()] == [0, 8]
 
 
 def test_machines_table_lists_each_machine_and_unrecorded_runs():

@@ -65,8 +65,8 @@ def _version(package: str) -> str | None:
 
 def describe(device: torch.device | str = "cpu") -> dict:
     """One JSON-ready record of this process's machine: time, CPU model, vendor, flags and
-    the kernel family torch picked for it, the cores it may use, torch's threads, the Python, torch and semiseg versions, and for a
-    CUDA device its name."""
+    the kernel family torch picked for it, the cores it may use, torch's threads, the
+    Python, torch and semiseg versions, and for a CUDA device its name."""
     model, flags = cpu_model()
     try:
         cores = len(os.sched_getaffinity(0))

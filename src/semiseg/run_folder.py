@@ -76,9 +76,11 @@ class RunFolder:
     def read_environments(self) -> list[dict]:
         """Every recorded start of this run, oldest first; empty for runs from before the
         record existed."""
-        if not self.environment.is_file():
-            return []
-        return [json.loads(line) for line in self.environment.read_text().splitlines() if line]
+        # The metrics log's JSON-lines reader, which skips a line a kill tore (imported
+        # here: metrics_log imports this module).
+        from semiseg.metrics_log import read_metrics
+
+        return read_metrics(self.environment) if self.environment.is_file() else []
 
     def metrics_folder(self) -> RunFolder:
         """The run folder whose metrics.jsonl holds this run's training log (the last round
