@@ -25,6 +25,15 @@ labels, not exactly a step's.
 is used when the set labels it (not 255), against the images' own masks.
 
     python benchmarks/pseudo_label_classes.py --labels RUN/seed0/round1/pseudo
+
+`--fuzzy-T T` adds, per class, what FPL makes of the checkpoint's probabilities (its fuzzy
+positive set, Alg. 1 of the FPL paper, at cumulative bound T): the share of the class's
+pixels with K > 1, where the top-1 label is not all the student is taught; of those, the
+share whose true class is in the set but not first (FPL's case 2) and outside it (case 3);
+and the mean K. A class taught through wide sets more often than the others is one FPL
+teaches with flatter targets.
+
+    python benchmarks/pseudo_label_classes.py RUN/latest.pt --fuzzy-T 0.9
 """
 
 from __future__ import annotations
@@ -43,18 +52,23 @@ from semiseg.data.splits import read_split, resolve_list
 from semiseg.data.transforms import eval_transform
 from semiseg.evaluation import confusion_matrix, predict_logits
 from semiseg.inference import load_trained_model
+from semiseg.pseudo.fpl import fuzzy_positive_mask
 from semiseg.run_folder import PseudoLabelFolder
 
 
 @torch.no_grad()
-def confident_confusion(model, cfg, samples, fmt, num_classes, threshold, device) -> torch.Tensor:
-    """int64 [C, C+1]: ground truth t against confident label p, column C for unused pixels."""
+def confident_confusion(
+    model, cfg, samples, fmt, num_classes, threshold, device, fuzzy_T=None, fuzzy_variant="paper"
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """int64 [C, C+1]: ground truth t against confident label p, column C for unused pixels;
+    and, with `fuzzy_T`, the per-class fuzzy-set counts of `fuzzy_set_counts` (else None)."""
     data = cfg.data
     size = data.eval_size or data.crop_size
     dataset = SegmentationDataset(
         samples, fmt, eval_transform(data.eval_mode, size), with_mask=True
     )
     counts = torch.zeros(num_classes, num_classes + 1, dtype=torch.int64)
+    fuzzy = None if fuzzy_T is None else torch.zeros(num_classes, 5, dtype=torch.int64)
     for batch in tqdm(DataLoader(dataset, batch_size=1, num_workers=1), leave=False):
         mask = batch["mask"].to(device)
         logits = predict_logits(
@@ -65,10 +79,49 @@ def confident_confusion(model, cfg, samples, fmt, num_classes, threshold, device
             data.eval_mode,
             size,
         )
-        confidence, label = logits.float().softmax(dim=1).max(dim=1)
+        probs = logits.float().softmax(dim=1)
+        confidence, label = probs.max(dim=1)
         label = torch.where(confidence >= threshold, label, num_classes)
         counts += confusion_matrix(label, mask, num_classes + 1)[:num_classes]
-    return counts
+        if fuzzy is not None:
+            fuzzy += fuzzy_set_counts(probs, mask, fuzzy_T, fuzzy_variant)
+    return counts, fuzzy
+
+
+def fuzzy_set_counts(probs: torch.Tensor, mask: torch.Tensor, T: float, variant: str = "paper"):
+    """int64 [C, 5] per true class c: pixels, pixels with K > 1, of those the ones whose
+    truth is in the fuzzy set but not its top-1 class (FPL case 2) and the ones whose truth is
+    outside the set (case 3), and the sum of K. probs [B,C,H,W], mask [B,H,W] (255 ignored)."""
+    num_classes = probs.shape[1]
+    positive = fuzzy_positive_mask(probs, T, variant)
+    k = positive.sum(dim=1)
+    valid = mask != 255
+    truth = mask.clamp(max=num_classes - 1)
+    in_set = positive.gather(1, truth.unsqueeze(1)).squeeze(1)
+    wide = k > 1
+    case2 = wide & in_set & (probs.argmax(dim=1) != truth)
+    case3 = wide & ~in_set
+    rows = []
+    for column in (torch.ones_like(wide), wide, case2, case3):
+        rows.append(torch.bincount(truth[valid & column], minlength=num_classes))
+    rows.append(torch.bincount(truth[valid], weights=k[valid].double(), minlength=num_classes))
+    return torch.stack([r.to(torch.int64) for r in rows], dim=1)
+
+
+def fuzzy_table(fuzzy: torch.Tensor, names: list[str]) -> list[str]:
+    fuzzy = fuzzy.double()
+    rows = [
+        "| class | K > 1 | of those, truth in set (case 2) | truth outside (case 3) | mean K |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, (pixels, wide, case2, case3, k_sum) in zip(
+        [*names, "all"], [*fuzzy, fuzzy.sum(dim=0)], strict=True
+    ):
+        rows.append(
+            f"| {name} | {100 * wide / max(pixels, 1):.1f} % | {100 * case2 / max(wide, 1):.1f} % "
+            f"| {100 * case3 / max(wide, 1):.1f} % | {k_sum / max(pixels, 1):.2f} |"
+        )
+    return rows
 
 
 def written_confusion(folder: Path) -> tuple[torch.Tensor, list[str], int]:
@@ -141,9 +194,15 @@ def main() -> None:
     )
     parser.add_argument("--threshold", type=float, default=0.95)
     parser.add_argument("--list", help="split list with masks (default: the run's unlabeled list)")
+    parser.add_argument(
+        "--fuzzy-T", type=float, help="also count FPL's fuzzy positive sets at this bound T"
+    )
+    parser.add_argument("--fuzzy-variant", choices=["paper", "official"], default="paper")
     args = parser.parse_args()
     if not 0 <= args.threshold <= 1:
         parser.error(f"--threshold must be in [0, 1], got {args.threshold}")
+    if args.fuzzy_T is not None and not 0 <= args.fuzzy_T <= 1:
+        parser.error(f"--fuzzy-T must be in [0, 1], got {args.fuzzy_T}")
     if not args.checkpoints and not args.labels:
         parser.error("give checkpoints or --labels folders")
     for folder in args.labels:
@@ -160,9 +219,23 @@ def main() -> None:
         if not listed:
             parser.error(f"{path}: the run has no unlabeled list; pass --list")
         samples = read_split(resolve_list(listed, root), root, require_mask=True)
-        counts = confident_confusion(model, cfg, samples, fmt, num_classes, args.threshold, device)
+        counts, fuzzy = confident_confusion(
+            model,
+            cfg,
+            samples,
+            fmt,
+            num_classes,
+            args.threshold,
+            device,
+            args.fuzzy_T,
+            args.fuzzy_variant,
+        )
+        names = list(ckpt["class_names"])
         print(f"\n{path}: confidence >= {args.threshold} on {len(samples)} images of {listed}\n")
-        print("\n".join(class_table(counts, list(ckpt["class_names"]))), flush=True)
+        print("\n".join(class_table(counts, names)), flush=True)
+        if fuzzy is not None:
+            print(f"\nFPL fuzzy sets at T = {args.fuzzy_T} ({args.fuzzy_variant})\n")
+            print("\n".join(fuzzy_table(fuzzy, names)), flush=True)
 
 
 if __name__ == "__main__":

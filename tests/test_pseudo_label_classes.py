@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import tiny_config
 from PIL import Image
 
@@ -62,3 +63,22 @@ def test_a_folder_without_a_round_config_is_named(tmp_path):
     (tmp_path / "pseudo" / "list.txt").write_text("")
     with pytest.raises(DataError, match="not a round's pseudo-label folder"):
         pseudo_label_classes.written_confusion(tmp_path / "pseudo")
+
+
+def test_fuzzy_set_counts_by_true_class():
+    # Sorted cumulative probabilities 0.4, 0.75, 1.0 first exceed T = 0.9 at n = 3, so the set
+    # is the top K = 2 classes {0, 1}; 0.95 on one class gives K = 1 (Alg. 1).
+    wide = [0.4, 0.35, 0.25]
+    sure = [0.95, 0.03, 0.02]
+    pixels = [sure, wide, wide, wide, sure, wide]
+    probs = torch.tensor(pixels).T.reshape(1, 3, 2, 3)
+    # truth 0 sure (K 1), 1 in the set but not first (case 2), 2 outside it (case 3),
+    # 0 first in a wide set, ignored, 0 again in a wide set.
+    mask = torch.tensor([[0, 1, 2], [0, 255, 0]]).unsqueeze(0)
+
+    counts = pseudo_label_classes.fuzzy_set_counts(probs, mask, 0.9)
+
+    assert counts.tolist() == [[3, 2, 0, 0, 5], [1, 1, 1, 0, 2], [1, 1, 0, 1, 2]]
+    table = pseudo_label_classes.fuzzy_table(counts, ["a", "b", "c"])
+    assert table[2] == "| a | 66.7 % | 0.0 % | 0.0 % | 1.67 |"
+    assert table[-1] == "| all | 80.0 % | 25.0 % | 25.0 % | 1.80 |"
