@@ -52,7 +52,7 @@ from semiseg.data.splits import read_split, resolve_list
 from semiseg.data.transforms import eval_transform
 from semiseg.evaluation import confusion_matrix, predict_logits
 from semiseg.inference import load_trained_model
-from semiseg.pseudo.fpl import fuzzy_positive_mask
+from semiseg.pseudo.fpl import fuzzy_positive_mask, gradient_score_cases, k_values
 from semiseg.run_folder import PseudoLabelFolder
 
 
@@ -94,17 +94,17 @@ def fuzzy_set_counts(probs: torch.Tensor, mask: torch.Tensor, T: float, variant:
     outside the set (case 3), and the sum of K. probs [B,C,H,W], mask [B,H,W] (255 ignored)."""
     num_classes = probs.shape[1]
     positive = fuzzy_positive_mask(probs, T, variant)
-    k = positive.sum(dim=1)
-    valid = mask != 255
-    truth = mask.clamp(max=num_classes - 1)
-    in_set = positive.gather(1, truth.unsqueeze(1)).squeeze(1)
-    wide = k > 1
-    case2 = wide & in_set & (probs.argmax(dim=1) != truth)
-    case3 = wide & ~in_set
-    rows = []
-    for column in (torch.ones_like(wide), wide, case2, case3):
-        rows.append(torch.bincount(truth[valid & column], minlength=num_classes))
-    rows.append(torch.bincount(truth[valid], weights=k[valid].double(), minlength=num_classes))
+    k = k_values(positive)
+    case = gradient_score_cases(probs.argmax(dim=1), positive, mask)
+    valid = case > 0
+    truth = mask[valid]
+    wide = k[valid] > 1
+    case = case[valid]
+    rows = [
+        torch.bincount(truth[column], minlength=num_classes)
+        for column in (torch.ones_like(wide), wide, wide & (case == 2), wide & (case == 3))
+    ]
+    rows.append(torch.bincount(truth, weights=k[valid].double(), minlength=num_classes))
     return torch.stack([r.to(torch.int64) for r in rows], dim=1)
 
 
