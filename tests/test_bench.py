@@ -12,15 +12,17 @@ from conftest import tiny_config
 from semiseg.bench import (
     BenchGrid,
     RunResult,
+    last_fifth_table,
     load_grid,
     markdown_table,
     paired_gain,
+    read_result,
     run_config,
     summarize,
 )
 from semiseg.cli import main
 from semiseg.config import ConfigError
-from semiseg.curves import paired_curve, rise_over_tail, val_curve
+from semiseg.curves import mean_over_tail, paired_curve, rise_over_tail, val_curve
 
 
 def test_summary_means_spread_and_gain():
@@ -152,6 +154,7 @@ def test_bench_runs_the_grid_then_reuses_finished_runs(synthetic_root, tmp_path,
     # Every run recorded where it trained, and the report says so.
     assert "| runs (method seed) |" in (out / "tiny.md").read_text()
     assert "supervised 0, supervised 1, fixmatch 0, fixmatch 1" in (out / "tiny.md").read_text()
+    assert "| mIoU, last fifth (%) |" in (out / "tiny.md").read_text()
     finished = (out / "fixmatch" / "seed1" / "final.json").stat().st_mtime_ns
     capsys.readouterr()
     assert main(["bench", str(grid), "--no-progress"]) == 0
@@ -275,3 +278,49 @@ def test_val_curves_paired_gain_and_rise(tmp_path):
     assert rise_over_tail(base[1], 100) == pytest.approx(12.0)
     assert rise_over_tail(base[1], 200) is None
     assert rise_over_tail({100: 40.0}, 100) is None
+
+
+def test_mean_over_the_last_fifth(tmp_path):
+    # 100 iterations: the last fifth is 80..100. The eval at 80 is logged twice (a resume),
+    # the later one (0.58) wins; the mean is (58 + 62) / 2 = 60 points.
+    _write_val_log(tmp_path / "run", [(20, 0.30), (60, 0.50), (80, 0.60), (80, 0.58), (100, 0.62)])
+    (tmp_path / "run" / "final.json").write_text(json.dumps({"iteration": 100}))
+    assert mean_over_tail(val_curve(tmp_path / "run"), 100) == pytest.approx(60.0)
+    assert mean_over_tail({50: 40.0}, 100) is None
+    result = read_result("x", 0, tmp_path / "run", 100)
+    assert result.miou == pytest.approx(0.62)
+    assert result.last_fifth_miou == pytest.approx(0.60)
+
+
+def test_last_fifth_paired_gain_and_table():
+    # Last-fifth means: supervised 40 / 50, x 43 / 55 (gains 3 and 5: mean 4, SE 1), y 42 / 52
+    # (x over y: 1 and 3, mean 2, SE 1). The last evaluations differ, so the two tables do.
+    grid = BenchGrid(
+        name="g",
+        base="b.yaml",
+        output_dir="o",
+        methods={"supervised": [], "y": [], "x": []},
+        seeds=[0, 1],
+        compare={"x": "y"},
+    )
+    results = [
+        RunResult("supervised", 0, 0.41, None, 1.0, 5, last_fifth_miou=0.40),
+        RunResult("supervised", 1, 0.50, None, 1.0, 5, last_fifth_miou=0.50),
+        RunResult("y", 0, 0.40, None, 1.0, 5, last_fifth_miou=0.42),
+        RunResult("y", 1, 0.52, None, 1.0, 5, last_fifth_miou=0.52),
+        RunResult("x", 0, 0.42, None, 1.0, 5, last_fifth_miou=0.43),
+        RunResult("x", 1, 0.50, None, 1.0, 5, last_fifth_miou=0.55),
+    ]
+    rows = {r["method"]: r for r in summarize(grid, results)}
+    assert rows["x"]["last_fifth_miou"] == pytest.approx(49.0)
+    assert rows["x"]["last_fifth_gain"] == pytest.approx(4.0)
+    assert rows["x"]["last_fifth_se"] == pytest.approx(1.0)
+    assert rows["x"]["own_last_fifth_gain"] == pytest.approx(2.0)
+    assert rows["x"]["paired_gain"] == pytest.approx(0.5)
+    table = last_fifth_table(grid, list(rows.values()))
+    assert "| x | 2 | 49.00 ± 8.49 | +4.00 ± 1.00 (2) | yes | y: +2.00 ± 1.00 (2) |" in table
+    assert "| supervised | 2 | 45.00 ± 7.07 | - | - | - |" in table
+    # Runs logged without an evaluation at their end have no last-fifth mean: no table.
+    bare = [RunResult("supervised", 0, 0.41, None, 1.0, 5)]
+    assert last_fifth_table(grid, summarize(grid, bare)) == ""
+    assert paired_gain(bare + results[2:3], "y", "supervised", "last_fifth_miou") == (None, None, 0)

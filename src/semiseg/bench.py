@@ -35,6 +35,11 @@ which runs this process trains (e.g. one process per GPU); the table (markdown +
 bar plot (OUTPUT_DIR/NAME.md, .csv, .png) always cover every finished run of the grid, with
 the seed count per row. Grids may share OUTPUT_DIR: a method with the same overrides in two
 grids is the same run, trained once.
+
+The table reports each run's last evaluation. A second table gives the same comparisons on
+the mean of each run's evaluations over the last fifth of its schedule
+(`semiseg.curves.mean_over_tail`): a single evaluation is one draw around the run's plateau,
+and that draw's noise enters every paired gain.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from pathlib import Path
 import yaml
 
 from semiseg.config import ConfigError, build_dataclass, load_config
+from semiseg.curves import mean_over_tail
 from semiseg.environment import machine_label
 from semiseg.files import atomic_write, atomic_write_text
 from semiseg.metrics_log import read_metrics
@@ -133,6 +139,9 @@ class RunResult:
     machines: tuple[str, ...] = ()
     """`environment.machine_label` of each machine the run's training log was written on, in
     order (two where a resume moved it); empty for runs from before the record existed."""
+    last_fifth_miou: float | None = None
+    """Mean val mIoU (fraction, like `miou`) of the evaluations over the last fifth of the
+    schedule, the final one included."""
 
 
 def run_dir(grid: BenchGrid, method: str, seed: int) -> Path:
@@ -152,6 +161,8 @@ def read_result(method: str, seed: int, folder: Path, iterations: int) -> RunRes
     val = [r for r in records if r["split"] == "val"]
     # The first window includes data-loader start-up; the median is robust to it.
     times = [r["sec_per_iter"] for r in records if r["split"] == "train" and "sec_per_iter" in r]
+    # Keyed by iteration: a resumed run may evaluate the same step twice, the last one wins.
+    curve = {r["iteration"]: r["miou"] for r in val}
     return RunResult(
         method,
         seed,
@@ -161,6 +172,7 @@ def read_result(method: str, seed: int, folder: Path, iterations: int) -> RunRes
         iterations,
         final.get("kl"),
         machines,
+        mean_over_tail(curve, iterations),
     )
 
 
@@ -229,13 +241,17 @@ def finished_results(grid: BenchGrid) -> list[RunResult]:
 
 
 def paired_gain(
-    results: list[RunResult], method: str, baseline: str
+    results: list[RunResult], method: str, baseline: str, key: str = "miou"
 ) -> tuple[float | None, float | None, int]:
     """Mean per-seed mIoU difference (points) of `method` over `baseline`, its standard error
-    (sample std / sqrt(n); None below 2 pairs) and the number n of seeds both finished."""
-    base = {r.seed: r.miou for r in results if r.method == baseline}
+    (sample std / sqrt(n); None below 2 pairs) and the number n of seeds both finished. `key`
+    is the RunResult field compared (`miou`, or `last_fifth_miou`; runs without it are left
+    out of the pairs)."""
+    base = {r.seed: getattr(r, key) for r in results if r.method == baseline}
     diffs = [
-        100 * (r.miou - base[r.seed]) for r in results if r.method == method and r.seed in base
+        100 * (getattr(r, key) - base[r.seed])
+        for r in results
+        if r.method == method and base.get(r.seed) is not None and getattr(r, key) is not None
     ]
     gain, se = paired_mean_se(diffs)
     return gain, se, len(diffs)
@@ -253,6 +269,8 @@ def summarize(grid: BenchGrid, results: list[RunResult]) -> list[dict]:
         tails = [100 * r.tail_miou for r in runs if r.tail_miou is not None]
         # Runs recorded before dars.kl_divergence clamped at 0 hold about -1e-11 at the target.
         kls = [max(r.kl, 0.0) for r in runs if r.kl is not None]
+        fifths = [100 * r.last_fifth_miou for r in runs if r.last_fifth_miou is not None]
+        fifth, fifth_spread = mean_std(fifths) if fifths else (None, None)
         rows.append(
             {
                 "method": method,
@@ -263,6 +281,9 @@ def summarize(grid: BenchGrid, results: list[RunResult]) -> list[dict]:
                 "sec_per_iter": statistics.mean(r.sec_per_iter for r in runs),
                 "iterations": runs[0].iterations,
                 "kl": statistics.mean(kls) if kls else None,
+                "last_fifth_miou": fifth,
+                "last_fifth_std": fifth_spread,
+                "last_fifth_seeds": len(fifths),
             }
         )
     base = next((r for r in rows if r["method"] == grid.baseline), None)
@@ -279,9 +300,19 @@ def summarize(grid: BenchGrid, results: list[RunResult]) -> list[dict]:
             else (None, None, 0)
         )
         row.update(paired_gain=gain, paired_se=se, paired_seeds=n)
+        gain, se, n = (
+            paired_gain(results, row["method"], grid.baseline, "last_fifth_miou")
+            if base and row is not base
+            else (None, None, 0)
+        )
+        row.update(last_fifth_gain=gain, last_fifth_se=se, last_fifth_pairs=n)
         own = grid.compare.get(row["method"])
         gain, se, n = paired_gain(results, row["method"], own) if own else (None, None, 0)
         row.update(own_baseline=own, own_gain=gain, own_se=se, own_seeds=n)
+        gain, se, n = (
+            paired_gain(results, row["method"], own, "last_fifth_miou") if own else (None, None, 0)
+        )
+        row.update(own_last_fifth_gain=gain, own_last_fifth_se=se, own_last_fifth_pairs=n)
     return rows
 
 
@@ -341,6 +372,36 @@ def markdown_table(grid: BenchGrid, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def last_fifth_table(grid: BenchGrid, rows: list[dict]) -> str:
+    """The main table's comparisons on each run's mean over the last fifth of its schedule.
+    Empty when no run has one (no evaluation at its end)."""
+    if not any(r["last_fifth_seeds"] for r in rows):
+        return ""
+    with_own = any(r.get("own_baseline") for r in rows)
+    lines = [
+        f"| method | seeds | mIoU, last fifth (%) | paired gain over {grid.baseline} ± SE (pairs) "
+        "| > 2 SE |" + (" vs own baseline ± SE (pairs) |" if with_own else ""),
+        "|---|---:|---:|---:|:-:|" + ("---:|" if with_own else ""),
+    ]
+    for r in rows:
+        if not r["last_fifth_seeds"]:
+            continue
+        own = (
+            f" {r['own_baseline']}: "
+            f"{_fmt_paired(r['own_last_fifth_gain'], r['own_last_fifth_se'], r['own_last_fifth_pairs'])} |"
+            if r.get("own_baseline")
+            else " - |"
+        )
+        lines.append(
+            f"| {r['method']} | {r['last_fifth_seeds']} "
+            f"| {r['last_fifth_miou']:.2f} ± {r['last_fifth_std']:.2f} "
+            f"| {_fmt_paired(r['last_fifth_gain'], r['last_fifth_se'], r['last_fifth_pairs'])} "
+            f"| {_beyond_two_se(r['last_fifth_gain'], r['last_fifth_se'])} |"
+            + (own if with_own else "")
+        )
+    return "\n".join(lines) + "\n"
+
+
 def machines_table(results: list[RunResult]) -> str:
     """Which machine ran which run: the same command gives different results on different
     CPUs, so a table that pools machines has to say so. Empty when no run recorded its
@@ -357,15 +418,16 @@ def machines_table(results: list[RunResult]) -> str:
 
 
 def write_report(grid: BenchGrid, rows: list[dict], command: str, machines: str = "") -> Path:
-    """The table (and `machines_table`'s, when given) as Markdown, the rows as CSV and a
-    bar plot, in the grid's output folder."""
+    """The table, `last_fifth_table`'s (when some run has it) and `machines_table`'s (when
+    given) as Markdown, the rows as CSV and a bar plot, in the grid's output folder."""
     out = Path(grid.output_dir)
     header = f"# {grid.name}\n\nBase config `{grid.base}`, seeds {grid.seeds}.\n\nCommand: `{command}`\n\n"
-    body = markdown_table(grid, rows) + (
-        f"\nMachines (a run resumed on another machine is listed under each):\n\n{machines}"
-        if machines
-        else ""
-    )
+    fifth = last_fifth_table(grid, rows)
+    body = markdown_table(grid, rows)
+    if fifth:
+        body += f"\nMean over each run's evaluations in the last fifth of its schedule:\n\n{fifth}"
+    if machines:
+        body += f"\nMachines (a run resumed on another machine is listed under each):\n\n{machines}"
     atomic_write_text(out / f"{grid.name}.md", header + body)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))

@@ -185,6 +185,7 @@ def _cmd_detector(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from semiseg.bench import (
         finished_results,
+        last_fifth_table,
         load_grid,
         machines_table,
         markdown_table,
@@ -209,6 +210,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         grid, rows, command=" ".join(["semiseg", "bench", args.grid]), machines=machines
     )
     print(markdown_table(grid, rows))
+    fifth = last_fifth_table(grid, rows)
+    if fifth:
+        print(f"mean over each run's evaluations in the last fifth of its schedule:\n\n{fifth}")
     if machines:
         print(machines)
     print(f"table, CSV and bar plot in {path.parent}")

@@ -70,3 +70,16 @@ def rise_over_tail(curve: Curve, length: int, fraction: float = 0.2) -> float | 
     if length not in curve or not before:
         return None
     return curve[length] - curve[max(before)]
+
+
+def mean_over_tail(curve: Curve, length: int, fraction: float = 0.2) -> float | None:
+    """Mean val mIoU (points) of the evaluations in the last `fraction` of a `length`-iteration
+    schedule, the evaluation at (1 - fraction) * length and the final one included. None
+    unless the run evaluated at its end. A single evaluation of these small val sets swings by
+    a point or more around its run's plateau; the mean over the tail's evaluations is the
+    plateau with less of that swing."""
+    if length not in curve:
+        return None
+    start = (1 - fraction) * length
+    values = [v for i, v in curve.items() if start <= i <= length]
+    return sum(values) / len(values)
