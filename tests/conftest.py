@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from semiseg.data.splits import make_split, read_split, write_split
 from semiseg.data.synthetic import make_synthetic_dataset
@@ -52,6 +53,25 @@ def tiny_config(root: Path, output_dir: Path, **sections) -> dict:
     for section, values in sections.items():
         cfg.setdefault(section, {}).update(values)
     return cfg
+
+
+def write_grid(
+    folder: Path, base_cfg: dict, methods: dict, *, name: str = "tiny", seeds=(0, 1), **extra
+) -> Path:
+    """Write `base_cfg` and a bench grid over it into `folder`; runs go to `folder / "bench"`."""
+    base = folder / "base.yaml"
+    base.write_text(yaml.safe_dump(base_cfg))
+    grid = {
+        "name": name,
+        "base": str(base),
+        "output_dir": str(folder / "bench"),
+        "seeds": list(seeds),
+        "methods": methods,
+        **extra,
+    }
+    path = folder / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid, sort_keys=False))
+    return path
 
 
 class Killed(Exception):

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import yaml
-from conftest import tiny_config
+from conftest import tiny_config, write_grid
 
 from semiseg.bench import (
     BenchGrid,
@@ -114,38 +114,19 @@ def test_bad_grids_are_refused(tmp_path):
 
 
 def test_bench_runs_the_grid_then_reuses_finished_runs(synthetic_root, tmp_path, capsys):
-    base = tmp_path / "base.yaml"
-    base.write_text(
-        yaml.safe_dump(
-            tiny_config(
-                synthetic_root,
-                tmp_path / "unused",
-                train={"iterations": 2, "eval_every": 2, "log_every": 1},
-            )
-        )
+    base_cfg = tiny_config(
+        synthetic_root,
+        tmp_path / "unused",
+        train={"iterations": 2, "eval_every": 2, "log_every": 1},
     )
+    fixmatch = [
+        "scheme.name=fixmatch",
+        "policy.name=threshold",
+        "policy.threshold=0.0",
+        "scheme.oracle_eval=true",
+    ]
+    grid = write_grid(tmp_path, base_cfg, {"supervised": [], "fixmatch": fixmatch})
     out = tmp_path / "bench"
-    grid = tmp_path / "grid.yaml"
-    grid.write_text(
-        yaml.safe_dump(
-            {
-                "name": "tiny",
-                "base": str(base),
-                "output_dir": str(out),
-                "seeds": [0, 1],
-                "methods": {
-                    "supervised": [],
-                    "fixmatch": [
-                        "scheme.name=fixmatch",
-                        "policy.name=threshold",
-                        "policy.threshold=0.0",
-                        "scheme.oracle_eval=true",
-                    ],
-                },
-            },
-            sort_keys=False,
-        )
-    )
     assert main(["bench", str(grid), "--no-progress"]) == 0
     assert (out / "tiny.md").is_file() and (out / "tiny.png").is_file()
     rows = list(csv.DictReader((out / "tiny.csv").open()))
@@ -215,20 +196,10 @@ def test_seed_placeholder_and_run_selection(synthetic_root, tmp_path, capsys):
     assert run_config(pair, "m", 1).model.init_from == ["x/s1.pt", "x/s2.pt"]
     assert run_config(pair, "m", 2).model.init_from == ["x/s2.pt", "x/s0.pt"]
 
-    out = tmp_path / "bench"
-    grid = tmp_path / "grid.yaml"
-    methods = {"supervised": [], "other": ["optim.lr=0.02"]}
-    grid.write_text(
-        yaml.safe_dump(
-            {
-                "name": "tiny",
-                "base": str(base),
-                "output_dir": str(out),
-                "seeds": [0, 1],
-                "methods": methods,
-            }
-        )
+    grid = write_grid(
+        tmp_path, yaml.safe_load(base.read_text()), {"supervised": [], "other": ["optim.lr=0.02"]}
     )
+    out = tmp_path / "bench"
     assert main(["bench", str(grid), "--methods", "nope"]) == 2
     assert "unknown method(s) ['nope']" in capsys.readouterr().err
     assert main(["bench", str(grid), "--seeds", "7"]) == 2

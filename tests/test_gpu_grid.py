@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import tiny_config
+from conftest import tiny_config, write_grid
 
 from semiseg.bench import load_grid, run_dir
 
@@ -23,38 +23,22 @@ _SPEC.loader.exec_module(gpu_grid)
 
 @pytest.fixture
 def grid_path(synthetic_root, tmp_path) -> Path:
-    base = tmp_path / "base.yaml"
-    base.write_text(
-        yaml.safe_dump(
-            tiny_config(
-                synthetic_root, tmp_path / "unused", train={"iterations": 4, "eval_every": 4}
-            )
-        )
+    base_cfg = tiny_config(
+        synthetic_root, tmp_path / "unused", train={"iterations": 4, "eval_every": 4}
     )
-    path = tmp_path / "grid.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "name": "tiny-gpu",
-                "base": str(base),
-                "output_dir": str(tmp_path / "bench"),
-                "seeds": [0],
-                "methods": {
-                    "supervised": [],
-                    "fixmatch": ["scheme.name=fixmatch", "policy.name=threshold"],
-                    "st": [
-                        "scheme.name=self_training",
-                        "scheme.method=st",
-                        "scheme.alpha=[0.3]",
-                        "model.init_from={output_dir}/supervised/seed{seed}/latest.pt",
-                    ],
-                },
-                "compare": {"st": "supervised"},
-            },
-            sort_keys=False,
-        )
+    methods = {
+        "supervised": [],
+        "fixmatch": ["scheme.name=fixmatch", "policy.name=threshold"],
+        "st": [
+            "scheme.name=self_training",
+            "scheme.method=st",
+            "scheme.alpha=[0.3]",
+            "model.init_from={output_dir}/supervised/seed{seed}/latest.pt",
+        ],
+    }
+    return write_grid(
+        tmp_path, base_cfg, methods, name="tiny-gpu", seeds=[0], compare={"st": "supervised"}
     )
-    return path
 
 
 def test_dependencies_and_sizing(grid_path):

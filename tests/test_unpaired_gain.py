@@ -6,8 +6,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-import yaml
-from conftest import tiny_config
+from conftest import tiny_config, write_grid
 
 _SPEC = importlib.util.spec_from_file_location(
     "unpaired_gain", Path(__file__).parents[1] / "benchmarks" / "unpaired_gain.py"
@@ -25,21 +24,13 @@ def _finished_run(folder: Path, evals: list[tuple[int, float]]) -> None:
 
 
 def test_rows_against_the_baselines_mean_over_all_its_seeds(synthetic_root, tmp_path, capsys):
-    base = tmp_path / "base.yaml"
-    base.write_text(yaml.safe_dump(tiny_config(synthetic_root, tmp_path / "unused")))
-    out = tmp_path / "bench"
-    grid = tmp_path / "grid.yaml"
-    grid.write_text(
-        yaml.safe_dump(
-            {
-                "name": "g",
-                "base": str(base),
-                "output_dir": str(out),
-                "seeds": [0, 1],
-                "methods": {"supervised": [], "x": ["scheme.name=fixmatch"]},
-            }
-        )
+    grid = write_grid(
+        tmp_path,
+        tiny_config(synthetic_root, tmp_path / "unused"),
+        {"supervised": [], "x": ["scheme.name=fixmatch"]},
+        name="g",
     )
+    out = tmp_path / "bench"
     # The 12-iteration schedule's last fifth is 9.6..12: only the final evaluation.
     # supervised seeds 0-3 end at 40, 42, 44, 46 (mean 43, variance 20/3); x at 46 and 48
     # (mean 47, variance 2): gain 4, SE sqrt((20/3)/4 + 2/2) = sqrt(8/3) = 1.63, 4 > 2 SE.
