@@ -169,14 +169,11 @@ def test_bench_runs_the_grid_then_reuses_finished_runs(synthetic_root, tmp_path,
 
 
 def test_seed_placeholder_and_run_selection(synthetic_root, tmp_path, capsys):
-    base = tmp_path / "base.yaml"
-    base.write_text(
-        yaml.safe_dump(
-            tiny_config(
-                synthetic_root, tmp_path / "unused", train={"iterations": 2, "eval_every": 2}
-            )
-        )
+    base_cfg = tiny_config(
+        synthetic_root, tmp_path / "unused", train={"iterations": 2, "eval_every": 2}
     )
+    grid = write_grid(tmp_path, base_cfg, {"supervised": [], "other": ["optim.lr=0.02"]})
+    base = tmp_path / "base.yaml"
     warm = BenchGrid(
         name="w",
         base=str(base),
@@ -196,9 +193,6 @@ def test_seed_placeholder_and_run_selection(synthetic_root, tmp_path, capsys):
     assert run_config(pair, "m", 1).model.init_from == ["x/s1.pt", "x/s2.pt"]
     assert run_config(pair, "m", 2).model.init_from == ["x/s2.pt", "x/s0.pt"]
 
-    grid = write_grid(
-        tmp_path, yaml.safe_load(base.read_text()), {"supervised": [], "other": ["optim.lr=0.02"]}
-    )
     out = tmp_path / "bench"
     assert main(["bench", str(grid), "--methods", "nope"]) == 2
     assert "unknown method(s) ['nope']" in capsys.readouterr().err
