@@ -36,10 +36,7 @@ class FixMatchScheme(SemiScheme):
         assert unlabeled is not None and mix is not None
         model, teaching = self.models["student"], self.teaching
         u, x, y = unlabeled, labeled["image"], labeled["mask"]
-        with torch.no_grad():
-            model.eval()
-            out_mix = model(mix["image"])
-            model.train()
+        out_mix = self.eval_prediction(model, mix["image"])
         n = x.shape[0]
         out = model(torch.cat([x, u["image"]]))
         strong = paste(u["strong1"], mix["strong1"], u["box1"])

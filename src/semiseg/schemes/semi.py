@@ -12,8 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
+import torch
 from torch import nn
 
+from semiseg.models.segmentor import SegmentationOutput
 from semiseg.pseudo.base import paste
 from semiseg.schemes.base import Scheme, SchemeOptions
 from semiseg.schemes.teaching import Teaching, oracle_diagnostics, softmax
@@ -119,6 +121,19 @@ class SemiScheme(Scheme):
                 f"scheme {self.name!r} needs a policy and an unlabeled loss (a Teaching)"
             )
         self.teaching: Teaching = teaching
+
+    @staticmethod
+    @torch.no_grad()
+    def eval_prediction(model: nn.Module, images: torch.Tensor) -> SegmentationOutput:
+        """The model's output on `images` in eval mode, then back to train mode.
+
+        UniMatch's released code labels the mixing images this way (frozen BatchNorm
+        statistics, no dropout), so the CutMix partner's label matches a test-time prediction.
+        """
+        model.eval()
+        out = model(images)
+        model.train()
+        return out
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "policy": self.teaching.state_dict()}

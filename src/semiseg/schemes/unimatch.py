@@ -39,10 +39,7 @@ class UniMatchScheme(SemiScheme):
         assert unlabeled is not None and mix is not None
         model, teaching = self.models["student"], self.teaching
         u, x, y = unlabeled, labeled["image"], labeled["mask"]
-        with torch.no_grad():
-            model.eval()
-            out_mix = model(mix["image"])
-            model.train()
+        out_mix = self.eval_prediction(model, mix["image"])
         n = x.shape[0]
         clean, perturbed = model(torch.cat([x, u["image"]]), perturb=True)
         logits_x = clean.logits[:n]
