@@ -15,7 +15,7 @@ from semiseg.engine import Trainer
 from semiseg.metrics_log import read_metrics
 from semiseg.pseudo import PseudoLabels
 from semiseg.run_folder import RunFolder, read_snapshots
-from semiseg.schemes.semi import oracle_diagnostics, paste
+from semiseg.schemes.semi import SemiScheme, oracle_diagnostics, paste
 from semiseg.training import train
 
 SEMI = ["fixmatch", "unimatch", "mean_teacher", "cps"]
@@ -28,6 +28,20 @@ def test_paste_takes_the_source_inside_the_box():
     out = paste(base, source, box)
     assert torch.equal(out[0, 0], box[0].float()) and torch.equal(out[0, 1], box[0].float())
     assert torch.equal(paste(base[:, 0], source[:, 0], box), box.float())
+
+
+def test_eval_prediction_uses_running_statistics_and_leaves_them_and_train_mode_alone():
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1, bias=False), torch.nn.BatchNorm2d(1))
+    torch.nn.init.ones_(model[0].weight)
+    model[1].running_mean.fill_(2.0)
+    model[1].running_var.fill_(4.0 - model[1].eps)
+    model.train()
+    out = SemiScheme.eval_prediction(model, torch.full((2, 1, 2, 2), 6.0))
+    # (6 - 2) / sqrt(4) with the running statistics; a train-mode pass would give 0.
+    assert torch.allclose(out, torch.full_like(out, 2.0))
+    assert model.training and model[1].training
+    assert float(model[1].running_mean) == 2.0 and int(model[1].num_batches_tracked) == 0
+    assert not out.requires_grad
 
 
 def test_oracle_diagnostics_on_a_hand_made_batch():
