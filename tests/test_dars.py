@@ -122,8 +122,10 @@ class FixedTeacher(torch.nn.Module):
 
     def __init__(self, num_classes: int):
         super().__init__()
-        self.conv = torch.nn.Conv2d(3, num_classes, 1)
+        # Seeded before the layer is built: its bias is drawn at construction, and every
+        # instance must be the same teacher whatever ran before it.
         torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, num_classes, 1)
         torch.nn.init.normal_(self.conv.weight, std=20.0)
 
     def forward(self, x):
