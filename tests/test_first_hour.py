@@ -24,7 +24,8 @@ from semiseg.checkpoint import load_checkpoint
 from semiseg.cli import main
 from semiseg.config import ConfigError, config_from_dict, load_config
 from semiseg.data.formats import DataError
-from semiseg.engine import Trainer, TrainingInterrupted
+from semiseg.engine import Trainer
+from semiseg.stop_signals import TrainingInterrupted
 from semiseg.training import train
 
 

@@ -526,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from semiseg.checkpoint import CheckpointError
     from semiseg.data.formats import DataError
-    from semiseg.engine import TrainingInterrupted
+    from semiseg.stop_signals import TrainingInterrupted
 
     try:
         return args.func(args)

@@ -16,8 +16,6 @@ from __future__ import annotations
 import io
 import math
 import os
-import signal
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -32,7 +30,6 @@ from tqdm import tqdm
 
 from semiseg.checkpoint import (
     CHECKPOINT_VERSION,
-    CheckpointError,
     capture_rng,
     load_checkpoint,
     restore_rng,
@@ -70,6 +67,8 @@ from semiseg.pseudo import PolicyContext
 from semiseg.run_folder import RunFolder, final_record
 from semiseg.schedule import resolve as resolve_schedule
 from semiseg.schemes import SCHEMES, Scheme, StepOutput, Teaching, Views, unwrap
+from semiseg.stop_signals import StopSignals, TrainingInterrupted, ignore_interrupts
+from semiseg.warm_start import load_warm_start, load_weights, warm_start_sources
 
 # Keys that change how a run is executed or reported but not what it computes, so a
 # resumed run may change them.
@@ -213,52 +212,6 @@ def detection_cache(cfg: Config) -> DetectionCache | None:
     return DetectionCache(*found) if found is not None else None
 
 
-def warm_start_sources(init_from: str | list[str], model_names: tuple[str, ...]) -> dict[str, str]:
-    """Which checkpoint starts which network: one path for all, or one per network in order."""
-    if isinstance(init_from, str):
-        return dict.fromkeys(model_names, init_from)
-    if len(init_from) != len(model_names):
-        raise ConfigError(
-            f"model.init_from: {len(init_from)} checkpoints for a scheme with {len(model_names)} "
-            f"network(s) {list(model_names)}; give one path, or one per network in that order"
-        )
-    return dict(zip(model_names, init_from, strict=True))
-
-
-def load_warm_start(path: str, num_classes: int) -> dict[str, Tensor]:
-    """The evaluated model's weights of the semiseg checkpoint at ``path`` (``model.init_from``).
-
-    Raises:
-        CheckpointError: no such file, or not a semiseg checkpoint.
-        ConfigError: the checkpoint was trained for a different number of classes.
-    """
-    try:
-        ckpt = load_checkpoint(path)
-    except CheckpointError as err:
-        raise ConfigError(f"model.init_from: {err}") from None
-    if ckpt.get("num_classes") != num_classes:
-        raise ConfigError(
-            f"model.init_from: {path} has {ckpt.get('num_classes')} classes, this dataset has {num_classes}"
-        )
-    return ckpt["eval_model"]
-
-
-def _load_weights(model: nn.Module, state: dict[str, Tensor], path: str) -> None:
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as err:  # tensor shape mismatches
-        raise ConfigError(f"model.init_from: {path} does not fit this model: {err}") from None
-    # A projection head (STPG's contrastive losses) is trained per run: one the checkpoint
-    # lacks stays as initialised, one this model lacks is not needed.
-    missing = [k for k in missing if not k.startswith("projector.")]
-    unexpected = [k for k in unexpected if not k.startswith("projector.")]
-    if missing or unexpected:
-        raise ConfigError(
-            f"model.init_from: {path} does not fit this model (missing keys: {missing[:5]}, "
-            f"unexpected keys: {unexpected[:5]}); check model.name and model.backbone"
-        )
-
-
 def poly_factor(iteration: int, total: int, power: float, start: float = 0.0) -> float:
     """The poly schedule's factor (1 - progress) ** power; `start` is the progress already made
     at iteration 0 (a self-training round that continues its teacher's schedule)."""
@@ -309,55 +262,6 @@ def optimizer_step(
     scaler.update()
     scheme.after_optimizer_step(iteration)
     return out
-
-
-class TrainingInterrupted(Exception):
-    """SIGINT or SIGTERM stopped training at a step boundary, after writing the checkpoint
-    the same command resumes from."""
-
-    def __init__(self, signal_name: str, iteration: int, checkpoint: Path):
-        super().__init__(
-            f"stopped by {signal_name} at iteration {iteration}; {checkpoint} holds the run: "
-            "run the same command to resume it"
-        )
-        self.exit_code = 128 + getattr(signal, signal_name, signal.SIGTERM).value
-
-
-class StopSignals:
-    """SIGINT and SIGTERM ask the training loop to stop at the next step boundary (with a
-    checkpoint) instead of ending the process; a second SIGINT stops at once."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __enter__(self) -> StopSignals:
-        self.received: int | None = None
-        self.previous: dict = {}
-        # Handlers can only be installed from the main thread (not, say, in a notebook worker).
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: object) -> None:
-        if self.received is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.received = signum
-
-    def name(self) -> str:
-        return (
-            signal.Signals(self.received).name
-            if self.received is not None
-            else "a signal of another process"
-        )
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
-def ignore_interrupts(worker_id: int) -> None:
-    """DataLoader workers leave Ctrl-C to the main process, which stops at a step boundary."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 SNAPSHOT_IMAGES = 4
@@ -416,7 +320,7 @@ class Trainer:
             )
             if name in warm_starts:
                 # Before the scheme exists, so teachers and EMA copies start from it too.
-                _load_weights(model, loaded[warm_starts[name]], warm_starts[name])
+                load_weights(model, loaded[warm_starts[name]], warm_starts[name])
             models[name] = self._prepare(model)
         self.scheme: Scheme = build_scheme(
             cfg, models, self.num_classes, policy_context(cfg, self.ctx)

@@ -32,13 +32,14 @@ from pathlib import Path
 
 from semiseg.config import Config, save_config
 from semiseg.distributed import cleanup, init_distributed
-from semiseg.engine import Trainer, warm_start_sources
+from semiseg.engine import Trainer
 from semiseg.offline.label_set import GeneratorSpec, pseudo_label_checkpoint
 from semiseg.options import ConfigError
 from semiseg.run_folder import PseudoLabelFolder, RunFolder, final_record
 from semiseg.schedule import planned_iterations
 from semiseg.schemes import SCHEMES
 from semiseg.schemes.self_training import SelfTrainingOptions
+from semiseg.warm_start import warm_start_sources
 
 
 def round_folder(cfg: Config, k: int) -> RunFolder:
