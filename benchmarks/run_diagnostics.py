@@ -10,7 +10,15 @@ steps). Metrics a run never logged print as "-"; NaN entries (no such pixels in 
 are skipped when averaging.
 
 `--final iou/Pedestrian iou/Bicyclist ...` instead tabulates final evaluation scores
-(RUN/final.json), one row per method, averaged over the seeds, in percent.
+(RUN/final.json), one row per method, averaged over the seeds, in percent. `--group
+large=iou/Sky,iou/Road,...` adds a score, the mean of those keys, that `--final` can name;
+`--paired supervised` adds each method's paired gain over that row, mean ± standard error
+over the seeds both ran:
+
+    python benchmarks/run_diagnostics.py runs/bench/camvid-1_16-cpu-v4 \
+        --methods supervised fixmatch --seeds 0 1 2 --paired supervised \
+        --group large=iou/Sky,iou/Building,iou/Road,iou/Pavement,iou/Tree,iou/Car \
+        --final miou large tail_miou
 
 `--pseudo-counts` tabulates what each self-training round labeled: per class, the share of
 the labeled set's pixels, then for every method and seed the pixels that reached the
@@ -28,6 +36,7 @@ from pathlib import Path
 
 from semiseg.metrics_log import read_metrics
 from semiseg.run_folder import RunFolder
+from semiseg.stats import paired_mean_se
 
 
 def part_means(records: list[dict], key: str, parts: int) -> tuple[float, float] | None:
@@ -56,6 +65,16 @@ def main() -> None:
         "--final", nargs="+", help="final evaluation scores (final.json), mean over seeds"
     )
     parser.add_argument(
+        "--group",
+        action="append",
+        default=[],
+        metavar="NAME=KEY,KEY,...",
+        help="with --final: a score that is the mean of these final.json keys",
+    )
+    parser.add_argument(
+        "--paired", metavar="BASELINE", help="with --final: paired gains over this method"
+    )
+    parser.add_argument(
         "--pseudo-counts",
         action="store_true",
         help="per-class pixel counts of the self-training rounds' pseudo labels",
@@ -68,6 +87,8 @@ def main() -> None:
     args = parser.parse_args()
     if sum(map(bool, (args.keys, args.final, args.pseudo_counts))) != 1:
         parser.error("give one of --keys, --final and --pseudo-counts")
+    if (args.group or args.paired) and not args.final:
+        parser.error("--group and --paired go with --final")
     if args.final:
         print_final(args)
         return
@@ -94,21 +115,67 @@ def main() -> None:
             print(f"| {method} | {seed} | " + " | ".join(cells) + " |")
 
 
+def parse_groups(specs: list[str]) -> dict[str, list[str]]:
+    """`NAME=KEY,KEY,...` options as {NAME: [KEY, ...]}."""
+    groups = {}
+    for spec in specs:
+        name, sep, keys = spec.partition("=")
+        members = [k for k in keys.split(",") if k]
+        if not sep or not name or not members:
+            raise SystemExit(f"--group {spec!r}: expected NAME=KEY,KEY,...")
+        groups[name] = members
+    return groups
+
+
+def final_scores(root: Path, method: str, seed: int, groups: dict[str, list[str]]) -> dict:
+    """A run's final scores in percent, with each group's mean added under its name."""
+    path = RunFolder(root / method / f"seed{seed}").final
+    if not path.is_file():
+        raise SystemExit(f"no final scores at {path} (is the run finished?)")
+    final = json.loads(path.read_text())["final"]
+    scores = {key: 100 * value for key, value in final.items()}
+    for name, members in groups.items():
+        missing = [k for k in members if k not in scores]
+        if missing:
+            raise SystemExit(f"{path} has no {', '.join(missing)} (group {name!r})")
+        scores[name] = sum(scores[k] for k in members) / len(members)
+    return scores
+
+
 def print_final(args: argparse.Namespace) -> None:
+    groups = parse_groups(args.group)
+    if args.paired and args.paired not in args.methods:
+        raise SystemExit(f"--paired {args.paired!r} is not one of --methods")
+    scores = {
+        method: {seed: final_scores(args.root, method, seed, groups) for seed in args.seeds}
+        for method in args.methods
+    }
     print("| method | " + " | ".join(args.final) + " |")
     print("|---|" + "---:|" * len(args.final))
     for method in args.methods:
-        scores = []
-        for seed in args.seeds:
-            path = RunFolder(args.root / method / f"seed{seed}").final
-            if not path.is_file():
-                raise SystemExit(f"no final scores at {path} (is the run finished?)")
-            scores.append(json.loads(path.read_text())["final"])
         cells = []
         for key in args.final:
-            values = [100 * s[key] for s in scores if key in s]
+            values = [s[key] for s in scores[method].values() if key in s]
             cells.append(f"{sum(values) / len(values):.1f}" if values else "-")
         print(f"| {method} | " + " | ".join(cells) + " |")
+    if not args.paired:
+        return
+    base = scores[args.paired]
+    for method in args.methods:
+        if method == args.paired:
+            continue
+        cells = []
+        for key in args.final:
+            diffs = [
+                s[key] - base[seed][key]
+                for seed, s in scores[method].items()
+                if key in s and key in base[seed]
+            ]
+            gain, se = paired_mean_se(diffs)
+            cells.append(
+                "-" if gain is None else f"{gain:+.2f}" + ("" if se is None else f" ± {se:.2f}")
+            )
+        print(f"| {method} - {args.paired} | " + " | ".join(cells) + " |")
 
 
 def round_counts(run: RunFolder, k: int) -> tuple[list[str], dict, dict]:

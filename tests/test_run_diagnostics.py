@@ -86,3 +86,68 @@ def test_a_run_without_rounds_is_named(tmp_path, monkeypatch, capsys):
     (run / "final.json").write_text(json.dumps({"final": {"miou": 0.5}, "rounds": []}))
     with pytest.raises(SystemExit, match="has no self-training round 1"):
         _main(monkeypatch, capsys, str(tmp_path), "--methods", "supervised", "--pseudo-counts")
+
+
+def _finished_run(root: Path, method: str, seed: int, final: dict) -> None:
+    run = root / method / f"seed{seed}"
+    run.mkdir(parents=True)
+    (run / "final.json").write_text(json.dumps({"final": final, "rounds": []}))
+
+
+def test_final_groups_and_paired_gains(tmp_path, monkeypatch, capsys):
+    # Gains on "large" (mean of Road and Car): seed 0 (0.92+0.44)/2 - (0.90+0.40)/2 = +3.0
+    # points, seed 1 (0.96+0.44)/2 - (0.90+0.40)/2 = +5.0: mean +4.00, SE stdev/sqrt(2) = 1.00.
+    _finished_run(tmp_path, "base", 0, {"iou/Road": 0.90, "iou/Car": 0.40, "iou/Pole": 0.10})
+    _finished_run(tmp_path, "base", 1, {"iou/Road": 0.90, "iou/Car": 0.40, "iou/Pole": 0.20})
+    _finished_run(tmp_path, "semi", 0, {"iou/Road": 0.92, "iou/Car": 0.44, "iou/Pole": 0.05})
+    _finished_run(tmp_path, "semi", 1, {"iou/Road": 0.96, "iou/Car": 0.44, "iou/Pole": 0.15})
+    out = _main(
+        monkeypatch,
+        capsys,
+        str(tmp_path),
+        "--methods",
+        "base",
+        "semi",
+        "--seeds",
+        "0",
+        "1",
+        "--group",
+        "large=iou/Road,iou/Car",
+        "--paired",
+        "base",
+        "--final",
+        "large",
+        "iou/Pole",
+    )
+    assert out[0] == "| method | large | iou/Pole |"
+    assert out[2] == "| base | 65.0 | 15.0 |"
+    assert out[3] == "| semi | 69.0 | 10.0 |"
+    assert out[4] == "| semi - base | +4.00 ± 1.00 | -5.00 ± 0.00 |"
+
+
+def test_a_group_key_a_run_lacks_names_the_file(tmp_path, monkeypatch, capsys):
+    _finished_run(tmp_path, "base", 0, {"iou/Road": 0.9})
+    with pytest.raises(SystemExit, match=r"final\.json has no iou/Car \(group 'large'\)"):
+        _main(
+            monkeypatch,
+            capsys,
+            str(tmp_path),
+            "--methods",
+            "base",
+            "--group",
+            "large=iou/Road,iou/Car",
+            "--final",
+            "large",
+        )
+    with pytest.raises(SystemExit, match="expected NAME=KEY"):
+        _main(
+            monkeypatch,
+            capsys,
+            str(tmp_path),
+            "--methods",
+            "base",
+            "--group",
+            "large",
+            "--final",
+            "large",
+        )
