@@ -402,6 +402,26 @@ def test_check_samples_reports_all_problems(tmp_path):
     assert "gone0.png: image file does not exist" in message and "and 3 more" in message
 
 
+def test_masks_of_only_0_and_255_are_refused_with_the_fix(tmp_path):
+    # A binary dataset saved as black / white: 255 is the ignore index, so without this
+    # check the foreground would silently never be trained or scored.
+    samples = folder_dataset(tmp_path, count=2)
+    (tmp_path / "classes.txt").write_text("background\nlesion\n")
+    fmt = get_format("folder", root=tmp_path)
+    for sample in samples:
+        save_mask(sample.mask, np.where(random_labels(num_classes=2) == 1, 255, 0))
+    with pytest.raises(DataError) as error:
+        check_samples(samples, fmt, deep=True, desc="check labeled")
+    message = str(error.value)
+    assert message.startswith("check labeled: every mask holds only the values 0 and 255")
+    assert "masks/train/000.png" in message and "classes 1..1 would never be trained" in message
+    save_mask(samples[0].mask, random_labels(num_classes=2))  # one mask with class 1: fine
+    check_samples(samples, fmt, deep=True)
+    for sample in samples:  # all background: nothing points at a mislabeled class
+        save_mask(sample.mask, np.zeros((12, 16), np.uint8))
+    check_samples(samples, fmt, deep=True)
+
+
 # ---------------------------------------------------------------- synthetic scenes
 
 

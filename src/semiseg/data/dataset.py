@@ -39,6 +39,11 @@ def _decoded_size(path: Path, what: str) -> tuple[int, int]:
         return img.size
 
 
+def _label_values(labels: np.ndarray) -> list[int]:
+    """The distinct values of a uint8 label map, ascending."""
+    return [int(v) for v in np.flatnonzero(np.bincount(labels.ravel(), minlength=256))]
+
+
 def _mask_problem(
     labels: np.ndarray, image_size: tuple[int, int], sample: Sample, num_classes: int | None
 ) -> str | None:
@@ -51,8 +56,7 @@ def _mask_problem(
         )
     if num_classes is None:
         return None
-    present = np.flatnonzero(np.bincount(labels.ravel(), minlength=256))
-    bad = [int(v) for v in present if num_classes <= v != IGNORE_INDEX]
+    bad = [v for v in _label_values(labels) if num_classes <= v != IGNORE_INDEX]
     if bad:
         return (
             f"{sample.mask}: label values {bad[:10]} are outside 0..{num_classes - 1} "
@@ -207,7 +211,9 @@ def augment_on_device(batch: dict, transform: Transform, device: torch.device) -
     return out
 
 
-def _sample_problems(sample: Sample, fmt: DatasetFormat, deep: bool) -> list[str]:
+def _sample_problems(sample: Sample, fmt: DatasetFormat, deep: bool, values: set[int]) -> list[str]:
+    """Why `sample` cannot be used (empty if it can); a deep check adds its mask's label
+    values to `values`."""
     try:
         image_size = (
             _decoded_size(sample.image, "image") if deep else _header_size(sample.image, "image")
@@ -222,7 +228,9 @@ def _sample_problems(sample: Sample, fmt: DatasetFormat, deep: bool) -> list[str
                 f"{sample.mask}: mask is {mask_size[0]}x{mask_size[1]} (WxH) but image "
                 f"{sample.image} is {image_size[0]}x{image_size[1]}"
             ]
-        problem = _mask_problem(fmt.load_mask(sample.mask), image_size, sample, fmt.num_classes)
+        labels = fmt.load_mask(sample.mask)
+        values.update(_label_values(labels))
+        problem = _mask_problem(labels, image_size, sample, fmt.num_classes)
     except DataError as err:
         return [str(err)]
     return [problem] if problem else []
@@ -250,7 +258,17 @@ def check_samples(
         disable=not progress or len(samples) < _PROGRESS_MIN_SAMPLES,
     )
     problems: list[str] = []
+    values: set[int] = set()
     for sample in bar:
-        problems.extend(_sample_problems(sample, fmt, deep))
+        problems.extend(_sample_problems(sample, fmt, deep, values))
     if problems:
         raise DataError(problem_report(desc or "samples", problems, len(samples)))
+    if fmt.num_classes and fmt.num_classes > 1 and values == {0, IGNORE_INDEX}:
+        example = next(s.mask for s in samples if s.mask is not None)
+        raise DataError(
+            f"{desc or 'samples'}: every mask holds only the values 0 and {IGNORE_INDEX} "
+            f"(e.g. {example}), but {IGNORE_INDEX} is the ignore index: classes "
+            f"1..{fmt.num_classes - 1} would never be trained or scored. If {IGNORE_INDEX} marks "
+            f"your foreground, save the masks with class indices (0 and 1 for two classes): "
+            f"np.where(mask == {IGNORE_INDEX}, 1, 0), as an 8-bit PNG."
+        )
