@@ -125,29 +125,15 @@ def test_final_groups_and_paired_gains(tmp_path, monkeypatch, capsys):
     assert out[4] == "| semi - base | +4.00 ± 1.00 | -5.00 ± 0.00 |"
 
 
-def test_a_group_key_a_run_lacks_names_the_file(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize(
+    "group, message",
+    [
+        ("large=iou/Road,iou/Car", r"final\.json has no iou/Car \(group 'large'\)"),
+        ("large", "expected NAME=KEY"),
+    ],
+)
+def test_a_bad_group_is_named(tmp_path, monkeypatch, capsys, group, message):
     _finished_run(tmp_path, "base", 0, {"iou/Road": 0.9})
-    with pytest.raises(SystemExit, match=r"final\.json has no iou/Car \(group 'large'\)"):
-        _main(
-            monkeypatch,
-            capsys,
-            str(tmp_path),
-            "--methods",
-            "base",
-            "--group",
-            "large=iou/Road,iou/Car",
-            "--final",
-            "large",
-        )
-    with pytest.raises(SystemExit, match="expected NAME=KEY"):
-        _main(
-            monkeypatch,
-            capsys,
-            str(tmp_path),
-            "--methods",
-            "base",
-            "--group",
-            "large",
-            "--final",
-            "large",
-        )
+    argv = ["--methods", "base", "--group", group, "--final", "large"]
+    with pytest.raises(SystemExit, match=message):
+        _main(monkeypatch, capsys, str(tmp_path), *argv)
