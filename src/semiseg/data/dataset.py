@@ -247,8 +247,10 @@ def check_samples(
     """Validate samples before training: files exist, image headers read, mask sizes match.
 
     With `deep`, every image and mask is decoded (a truncated JPEG or PNG fails here, not in
-    the middle of a run) and mask values are checked against fmt.num_classes. Raises one
-    DataError listing up to 10 problems and counting the rest.
+    the middle of a run), mask values are checked against fmt.num_classes, and masks that
+    together hold only 0 and 255 are refused (a binary dataset saved black and white, whose
+    foreground would be ignored). Raises one DataError listing up to 10 problems and
+    counting the rest.
     """
     bar = tqdm(
         samples,
