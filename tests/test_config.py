@@ -134,6 +134,39 @@ def test_bad_configs_name_the_key(data, message):
         config_from_dict(data)
 
 
+@pytest.mark.parametrize(
+    "data, message, suggestion",
+    [
+        (
+            {**BASE, "data": {**BASE["data"], "crop_sise": 100}},
+            "unknown key 'data.crop_sise'",
+            "crop_size",
+        ),
+        ({**BASE, "train": {"amp": "bf61"}}, "train.amp: expected one of", "bf16"),
+        (
+            {**BASE, "scheme": {"name": "fixmatch"}, "policy": {"name": "treshold"}},
+            "policy.name: unknown policy 'treshold'; available:",
+            "threshold",
+        ),
+        (
+            {**BASE, "scheme": {"name": "fixmatch", "cutmix_pp": 0.5}},
+            "scheme.cutmix_pp is not an option of scheme 'fixmatch'",
+            "cutmix_p",
+        ),
+    ],
+)
+def test_a_likely_typo_gets_a_suggestion(data, message, suggestion):
+    with pytest.raises(ConfigError, match=re.escape(message)) as error:
+        config_from_dict(data)
+    assert re.findall(r"did you mean '(\w+)'\?", str(error.value)) == [suggestion]
+
+
+def test_no_suggestion_for_a_word_unlike_any_choice():
+    with pytest.raises(ConfigError) as error:
+        config_from_dict({**BASE, "optim": {"learning_rate": 0.1}})
+    assert "did you mean" not in str(error.value)
+
+
 def test_bad_override_syntax():
     with pytest.raises(ConfigError, match="key=value"):
         parse_overrides(["optim.lr"])

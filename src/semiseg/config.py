@@ -31,7 +31,7 @@ import yaml
 
 from semiseg import config_legacy
 from semiseg.files import atomic_write_text
-from semiseg.options import ComponentOptions, ConfigError, OptionError, Options
+from semiseg.options import ComponentOptions, ConfigError, OptionError, Options, did_you_mean
 
 __all__ = [
     "Config",
@@ -295,7 +295,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, bool) and ("on" if value else "off") in args:
             value = "on" if value else "off"
         if value not in args:
-            raise ConfigError(f"{key}: expected one of {list(args)}, got {value!r}")
+            typo = did_you_mean(value, [a for a in args if isinstance(a, str)])
+            raise ConfigError(f"{key}: expected one of {list(args)}, got {value!r}{typo}")
         return value
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
@@ -353,7 +354,10 @@ def build_dataclass(cls: type, data: dict, prefix: str = "") -> Any:
         if key not in names:
             known = ", ".join(sorted(names))
             hint = config_legacy.moved_section(dotted) if not prefix else None
-            raise ConfigError(hint or f"unknown key '{dotted}' (known keys here: {known})")
+            raise ConfigError(
+                hint
+                or f"unknown key '{dotted}'{did_you_mean(key, names)} (known keys here: {known})"
+            )
         kwargs[key] = _coerce(value, hints[key], dotted)
     return cls(**kwargs)
 
@@ -414,6 +418,7 @@ def _component(kind: str, raw: Any, registry: Any) -> ComponentOptions:
     if not isinstance(name, str) or name not in registry:
         raise ConfigError(
             f"{kind}.name: unknown {kind} {name!r}; available: {', '.join(registry.names())}"
+            + did_you_mean(name, registry.names())
         )
     options_cls = registry.options(name)
     known = {f.name for f in dataclasses.fields(options_cls)}
@@ -426,8 +431,10 @@ def _component(kind: str, raw: Any, registry: Any) -> ComponentOptions:
                 else ""
             )
             takes = ", ".join(sorted(known - {"name"})) or "no options"
+            typo = did_you_mean(key, known - {"name"})
             raise ConfigError(
-                f"{kind}.{key} is not an option of {kind} {name!r}{whose} ({name!r} takes: {takes})"
+                f"{kind}.{key} is not an option of {kind} {name!r}{whose}{typo} "
+                f"({name!r} takes: {takes})"
             )
     return build_dataclass(options_cls, raw, kind)
 

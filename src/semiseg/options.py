@@ -10,7 +10,16 @@ config can both depend on it.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
 from dataclasses import dataclass
+
+
+def did_you_mean(word: object, choices: Iterable[str]) -> str:
+    """'; did you mean NAME?' when `word` looks like a typo of one of `choices`, else ''
+    (appended to errors about unknown keys and names)."""
+    close = difflib.get_close_matches(str(word), sorted(choices), n=1, cutoff=0.75)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 class ConfigError(ValueError):

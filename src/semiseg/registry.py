@@ -13,7 +13,7 @@ import dataclasses
 from collections.abc import Iterator
 from typing import Generic, TypeVar
 
-from semiseg.options import ComponentOptions, ConfigError
+from semiseg.options import ComponentOptions, ConfigError, did_you_mean
 
 T = TypeVar("T", bound=type)
 
@@ -52,7 +52,10 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         if name not in self._entries:
-            raise ConfigError(f"unknown {self.kind} {name!r}; available: {', '.join(self.names())}")
+            raise ConfigError(
+                f"unknown {self.kind} {name!r}; available: {', '.join(self.names())}"
+                + did_you_mean(name, self.names())
+            )
         return self._entries[name]
 
     def options(self, name: str) -> type[ComponentOptions]:
