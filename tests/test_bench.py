@@ -196,6 +196,8 @@ def test_seed_placeholder_and_run_selection(synthetic_root, tmp_path, capsys):
     out = tmp_path / "bench"
     assert main(["bench", str(grid), "--methods", "nope"]) == 2
     assert "unknown method(s) ['nope']" in capsys.readouterr().err
+    assert main(["bench", str(grid), "--methods", "othr"]) == 2
+    assert "the grid has ['supervised', 'other']; did you mean 'other'?" in capsys.readouterr().err
     assert main(["bench", str(grid), "--seeds", "7"]) == 2
     assert "seed(s) [7] are not in the grid's seeds [0, 1]" in capsys.readouterr().err
 

@@ -58,6 +58,7 @@ from semiseg.curves import mean_over_tail
 from semiseg.environment import machine_label
 from semiseg.files import atomic_write, atomic_write_text
 from semiseg.metrics_log import read_metrics
+from semiseg.options import did_you_mean
 from semiseg.run_folder import RunFolder
 from semiseg.schedule import planned_iterations
 from semiseg.stats import mean_std, paired_mean_se
@@ -197,7 +198,10 @@ def run_config(grid: BenchGrid, method: str, seed: int):
 def _check_selection(grid: BenchGrid, methods: list[str] | None, seeds: list[int] | None) -> None:
     unknown = [m for m in methods or [] if m not in grid.methods]
     if unknown:
-        raise ConfigError(f"unknown method(s) {unknown}; the grid has {list(grid.methods)}")
+        raise ConfigError(
+            f"unknown method(s) {unknown}; the grid has {list(grid.methods)}"
+            + did_you_mean(unknown[0], grid.methods)
+        )
     missing = [s for s in seeds or [] if s not in grid.seeds]
     if missing:
         raise ConfigError(f"seed(s) {missing} are not in the grid's seeds {grid.seeds}")
