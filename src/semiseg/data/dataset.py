@@ -45,9 +45,14 @@ def _label_values(labels: np.ndarray) -> list[int]:
 
 
 def _mask_problem(
-    labels: np.ndarray, image_size: tuple[int, int], sample: Sample, num_classes: int | None
+    labels: np.ndarray,
+    values: list[int],
+    image_size: tuple[int, int],
+    sample: Sample,
+    num_classes: int | None,
 ) -> str | None:
-    """Why labels [H, W] cannot go with an image of size (W, H), or None if they can."""
+    """Why labels [H, W] (holding `values`) cannot go with an image of size (W, H), or None
+    if they can."""
     height, width = labels.shape
     if (width, height) != image_size:
         return (
@@ -56,7 +61,7 @@ def _mask_problem(
         )
     if num_classes is None:
         return None
-    bad = [v for v in _label_values(labels) if num_classes <= v != IGNORE_INDEX]
+    bad = [v for v in values if num_classes <= v != IGNORE_INDEX]
     if bad:
         return (
             f"{sample.mask}: label values {bad[:10]} are outside 0..{num_classes - 1} "
@@ -153,7 +158,9 @@ class SegmentationDataset(torch.utils.data.Dataset):
         if sample.mask is None:
             raise DataError(f"{sample.image}: sample has no mask, but this dataset needs masks")
         labels = self.fmt.load_mask(sample.mask)
-        problem = _mask_problem(labels, image_size, sample, self.fmt.num_classes)
+        problem = _mask_problem(
+            labels, _label_values(labels), image_size, sample, self.fmt.num_classes
+        )
         if problem:
             raise DataError(problem)
         return labels
@@ -229,8 +236,9 @@ def _sample_problems(sample: Sample, fmt: DatasetFormat, deep: bool, values: set
                 f"{sample.image} is {image_size[0]}x{image_size[1]}"
             ]
         labels = fmt.load_mask(sample.mask)
-        values.update(_label_values(labels))
-        problem = _mask_problem(labels, image_size, sample, fmt.num_classes)
+        present = _label_values(labels)
+        values.update(present)
+        problem = _mask_problem(labels, present, image_size, sample, fmt.num_classes)
     except DataError as err:
         return [str(err)]
     return [problem] if problem else []
