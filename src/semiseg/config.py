@@ -415,12 +415,12 @@ def _component(kind: str, raw: Any, registry: Any) -> ComponentOptions:
     if not isinstance(raw, dict):
         raise ConfigError(f"{kind}: expected a mapping (section), got {raw!r}")
     name = raw.get("name", registry.default)
-    if not isinstance(name, str) or name not in registry:
-        raise ConfigError(
-            f"{kind}.name: unknown {kind} {name!r}; available: {', '.join(registry.names())}"
-            + did_you_mean(name, registry.names())
-        )
-    options_cls = registry.options(name)
+    if not isinstance(name, str):
+        raise ConfigError(f"{kind}.name: expected a {kind} name, got {name!r}")
+    try:
+        options_cls = registry.options(name)
+    except ConfigError as err:
+        raise ConfigError(f"{kind}.name: {err}") from None
     known = {f.name for f in dataclasses.fields(options_cls)}
     for key in raw:
         if key not in known:
