@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from semiseg.bench import load_grid, run_config, run_dir
+from semiseg.bench import load_grid, log_dir, run_config
 from semiseg.curves import paired_curve, rise_over_tail, val_curve
 from semiseg.schedule import planned_iterations
 
@@ -38,7 +38,7 @@ def main() -> None:
     baseline = args.baseline or grid.baseline
     methods = args.methods or list(grid.methods)
     curves = {
-        m: {s: c for s in grid.seeds if (c := val_curve(run_dir(grid, m, s), args.key))}
+        m: {s: c for s in grid.seeds if (c := val_curve(log_dir(grid, m, s), args.key))}
         for m in methods + [baseline]
     }
     print(f"# {grid.name}: val {args.key} (%) against iterations, paired over seeds\n")

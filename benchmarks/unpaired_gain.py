@@ -19,19 +19,12 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from semiseg.bench import RunResult, load_grid, read_result, run_config, run_dir
-from semiseg.schedule import planned_iterations
+from semiseg.bench import RunResult, finished_result, load_grid
 from semiseg.stats import mean_std, unpaired_mean_se
 
 
 def finished(grid, method: str, seeds: list[int]) -> list[RunResult]:
-    runs = []
-    for seed in seeds:
-        length = planned_iterations(run_config(grid, method, seed))
-        result = read_result(method, seed, run_dir(grid, method, seed), length)
-        if result is not None:
-            runs.append(result)
-    return runs
+    return [r for seed in seeds if (r := finished_result(grid, method, seed)) is not None]
 
 
 def table(rows: dict[str, list[RunResult]], baseline: str, key: str) -> str:

@@ -12,8 +12,10 @@ from conftest import tiny_config, write_grid
 from semiseg.bench import (
     BenchGrid,
     RunResult,
+    keep_record,
     last_fifth_table,
     load_grid,
+    log_dir,
     markdown_table,
     paired_gain,
     read_result,
@@ -23,6 +25,7 @@ from semiseg.bench import (
 from semiseg.cli import main
 from semiseg.config import ConfigError
 from semiseg.curves import mean_over_tail, paired_curve, rise_over_tail, val_curve
+from semiseg.run_folder import RunFolder
 
 
 def test_summary_means_spread_and_gain():
@@ -211,6 +214,69 @@ def test_seed_placeholder_and_run_selection(synthetic_root, tmp_path, capsys):
     assert main(["bench", str(grid), "--report"]) == 0
     assert "| other | 1 |" in capsys.readouterr().out
     assert not (out / "supervised").exists()
+
+
+def test_records_outlive_the_run_folders(synthetic_root, tmp_path, capsys):
+    # A new machine (or a clone) has the committed records but not the run folders: the table
+    # and the curves come from the records, a finished run is not trained again, and a row
+    # that needs a recorded run's weights says how to rebuild them before training anything.
+    base_cfg = tiny_config(
+        synthetic_root, tmp_path / "unused", train={"iterations": 2, "eval_every": 2}
+    )
+    warm = ["model.init_from={output_dir}/supervised/seed{seed}/latest.pt"]
+    grid_path = write_grid(
+        tmp_path,
+        base_cfg,
+        {"supervised": [], "continued": warm},
+        seeds=(0,),
+        records=str(tmp_path / "results"),
+    )
+    out, records = tmp_path / "bench", tmp_path / "results"
+    assert main(["bench", str(grid_path), "--no-progress", "--methods", "supervised"]) == 0
+    kept = sorted(p.name for p in (records / "supervised" / "seed0").iterdir())
+    assert kept == ["config.yaml", "environment.jsonl", "final.json", "metrics.jsonl"]
+    assert (records / "tiny.md").read_text() == (out / "tiny.md").read_text()
+    assert (records / "tiny.csv").is_file() and not (records / "tiny.png").exists()
+    grid = load_grid(grid_path)
+    assert keep_record(grid, "supervised", 0) == 0  # unchanged files are not rewritten
+    assert log_dir(grid, "supervised", 0) == out / "supervised" / "seed0"
+
+    table = (out / "tiny.md").read_text()
+    for path in out.rglob("*"):
+        if path.is_file():
+            path.unlink()
+    capsys.readouterr()
+    assert main(["bench", str(grid_path), "--report"]) == 0
+    assert "| supervised | 1 |" in capsys.readouterr().out
+    assert (out / "tiny.md").read_text() == table
+    assert log_dir(grid, "supervised", 0) == records / "supervised" / "seed0"
+    assert val_curve(log_dir(grid, "supervised", 0))
+
+    assert main(["bench", str(grid_path), "--no-progress"]) == 2
+    captured = capsys.readouterr()
+    assert "supervised seed 0: finished, read from its record" in captured.out
+    assert "continued seed 0: model.init_from" in captured.err
+    assert "supervised seed 0 finished elsewhere and only its record" in captured.err
+    assert f"semiseg train {records / 'supervised' / 'seed0' / 'config.yaml'}" in captured.err
+    assert not (out / "continued" / "seed0" / "metrics.jsonl").exists()
+
+
+def test_record_files_of_a_self_training_run(tmp_path):
+    run = tmp_path / "run"
+    for name in ["config.yaml", "final.json", "latest.pt", "round1/metrics.jsonl"]:
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_text("x")
+    (run / "round1" / "pseudo" / "labels").mkdir(parents=True)
+    (run / "round1" / "pseudo" / "stats.json").write_text("{}")
+    (run / "round1" / "pseudo" / "labels" / "0.png").write_text("x")
+    (run / "tensorboard").mkdir()
+    files = [str(p.relative_to(run)) for p in RunFolder(run).record_files()]
+    assert files == [
+        "config.yaml",
+        "final.json",
+        "round1/metrics.jsonl",
+        "round1/pseudo/stats.json",
+    ]
 
 
 def _write_val_log(folder, points):

@@ -36,6 +36,14 @@ bar plot (OUTPUT_DIR/NAME.md, .csv, .png) always cover every finished run of the
 the seed count per row. Grids may share OUTPUT_DIR: a method with the same overrides in two
 grids is the same run, trained once.
 
+``records`` (optional) names a folder that keeps a copy of each finished run's record: its
+config, final scores, metrics log and machine log (`RunFolder.record_files`), no weights, in
+RECORDS/METHOD/seedN, copied as each run finishes, plus the table's Markdown and CSV. Commit
+it (e.g. under benchmarks/results/) and a new machine, or a colleague's clone, loses no
+finished run: a run whose folder is gone is read from its record for the table and the
+curves, and is not trained again (nor is a partial run of it resumed). Its weights are not in the record, so a row that starts
+from its checkpoint (``model.init_from``) stops with an error that says how to rebuild it.
+
 The table reports each run's last evaluation. A second table gives the same comparisons on
 the mean of each run's evaluations over the last fifth of its schedule
 (`semiseg.curves.mean_over_tail`): a single evaluation is one draw around the run's plateau,
@@ -45,8 +53,10 @@ and that draw's noise enters every paired gain.
 from __future__ import annotations
 
 import csv
+import filecmp
 import io
 import re
+import shutil
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +86,8 @@ class BenchGrid:
     """Overrides applied to every run (before each method's own)."""
     compare: dict[str, str] = field(default_factory=dict)
     """Method -> the baseline its paper compares it with (paired gain in the table)."""
+    records: str | None = None
+    """Folder that keeps each finished run's record (module docstring)."""
 
 
 _ROW_KEYS = ("methods", "seeds", "baseline", "compare", "overrides")
@@ -149,6 +161,22 @@ def run_dir(grid: BenchGrid, method: str, seed: int) -> Path:
     return Path(grid.output_dir) / method / f"seed{seed}"
 
 
+def record_dir(grid: BenchGrid, method: str, seed: int) -> Path | None:
+    """Where the grid keeps the run's record; None for a grid without ``records``."""
+    return Path(grid.records) / method / f"seed{seed}" if grid.records else None
+
+
+def log_dir(grid: BenchGrid, method: str, seed: int) -> Path:
+    """The folder to read the run's logs from: its run folder while that holds the run
+    (finished or not), else its record where one is kept."""
+    folder = run_dir(grid, method, seed)
+    record = record_dir(grid, method, seed)
+    if not RunFolder(folder).final.is_file() and not RunFolder(folder).metrics.is_file():
+        if record is not None and RunFolder(record).final.is_file():
+            return record
+    return folder
+
+
 def read_result(method: str, seed: int, folder: Path, iterations: int) -> RunResult | None:
     """The result of a finished run, or None if the run has not reached `iterations`."""
     run = RunFolder(folder)
@@ -175,6 +203,22 @@ def read_result(method: str, seed: int, folder: Path, iterations: int) -> RunRes
         machines,
         mean_over_tail(curve, iterations),
     )
+
+
+def keep_record(grid: BenchGrid, method: str, seed: int) -> int:
+    """Copy the finished run's `RunFolder.record_files` into its record folder, each
+    atomically and only where it changed; returns the number of files written."""
+    source, target = run_dir(grid, method, seed), record_dir(grid, method, seed)
+    if target is None:
+        return 0
+    written = 0
+    for path in RunFolder(source).record_files():
+        dest = target / path.relative_to(source)
+        if dest.is_file() and filecmp.cmp(path, dest, shallow=False):
+            continue
+        atomic_write(dest, lambda tmp, path=path: shutil.copyfile(path, tmp))
+        written += 1
+    return written
 
 
 def run_config(grid: BenchGrid, method: str, seed: int):
@@ -223,25 +267,78 @@ def run_grid(
             folder = run_dir(grid, method, seed)
             cfg = run_config(grid, method, seed)
             iterations = planned_iterations(cfg)
-            if read_result(method, seed, folder, iterations) is None:
+            record = record_dir(grid, method, seed)
+            if read_result(method, seed, folder, iterations) is not None:
+                print(f"== {method} seed {seed}: finished, read from {folder}")
+            elif record is not None and read_result(method, seed, record, iterations) is not None:
+                print(f"== {method} seed {seed}: finished, read from its record {record}")
+                continue
+            else:
+                _check_warm_start(grid, method, seed, cfg.model.init_from)
                 print(f"== {method} seed {seed} -> {folder}")
                 train(cfg, progress=progress)
                 if read_result(method, seed, folder, iterations) is None:
                     raise RuntimeError(f"{folder}: training ended without a final evaluation")
-            else:
-                print(f"== {method} seed {seed}: finished, read from {folder}")
+            keep_record(grid, method, seed)
     return finished_results(grid)
 
 
+def _check_warm_start(grid: BenchGrid, method: str, seed: int, init_from) -> None:
+    """Refuse, before training, a warm start from a checkpoint that is gone because the run
+    that wrote it is here only as its record (it finished on another machine)."""
+    for path in [init_from] if isinstance(init_from, str) else init_from or []:
+        if Path(path).is_file():
+            continue
+        for other in grid.methods:
+            for other_seed in grid.seeds:
+                record = record_dir(grid, other, other_seed)
+                folder = run_dir(grid, other, other_seed)
+                if record is None or not Path(path).is_relative_to(folder):
+                    continue
+                if RunFolder(record).final.is_file():
+                    raise ConfigError(
+                        f"{method} seed {seed}: model.init_from {path} is missing: {other} seed "
+                        f"{other_seed} finished elsewhere and only its record ({record}, no "
+                        f"weights) is here. Train it again here first (its record then becomes the "
+                        f"new run's): semiseg train {RunFolder(record).config}"
+                    )
+
+
+def finished_result(grid: BenchGrid, method: str, seed: int) -> RunResult | None:
+    """The run's result from its run folder, or from its record where the run folder does
+    not hold the finished run."""
+    iterations = planned_iterations(run_config(grid, method, seed))
+    result = read_result(method, seed, run_dir(grid, method, seed), iterations)
+    record = record_dir(grid, method, seed)
+    if result is None and record is not None:
+        result = read_result(method, seed, record, iterations)
+    return result
+
+
 def finished_results(grid: BenchGrid) -> list[RunResult]:
-    results = []
-    for method in grid.methods:
-        for seed in grid.seeds:
-            cfg = run_config(grid, method, seed)
-            result = read_result(method, seed, run_dir(grid, method, seed), planned_iterations(cfg))
-            if result is not None:
-                results.append(result)
-    return results
+    return [
+        result
+        for method in grid.methods
+        for seed in grid.seeds
+        if (result := finished_result(grid, method, seed)) is not None
+    ]
+
+
+def keep_records(grid: BenchGrid) -> int:
+    """`keep_record` for every finished run in the grid's run folders; returns the number of
+    files written."""
+    return sum(
+        keep_record(grid, method, seed)
+        for method in grid.methods
+        for seed in grid.seeds
+        if read_result(
+            method,
+            seed,
+            run_dir(grid, method, seed),
+            planned_iterations(run_config(grid, method, seed)),
+        )
+        is not None
+    )
 
 
 def paired_gain(
@@ -423,7 +520,8 @@ def machines_table(results: list[RunResult]) -> str:
 
 def write_report(grid: BenchGrid, rows: list[dict], command: str, machines: str = "") -> Path:
     """The table, `last_fifth_table`'s (when some run has it) and `machines_table`'s (when
-    given) as Markdown, the rows as CSV and a bar plot, in the grid's output folder."""
+    given) as Markdown, the rows as CSV and a bar plot, in the grid's output folder; the
+    Markdown and CSV also in its records folder."""
     out = Path(grid.output_dir)
     header = f"# {grid.name}\n\nBase config `{grid.base}`, seeds {grid.seeds}.\n\nCommand: `{command}`\n\n"
     fifth = last_fifth_table(grid, rows)
@@ -432,12 +530,13 @@ def write_report(grid: BenchGrid, rows: list[dict], command: str, machines: str 
         body += f"\nMean over each run's evaluations in the last fifth of its schedule:\n\n{fifth}"
     if machines:
         body += f"\nMachines (a run resumed on another machine is listed under each):\n\n{machines}"
-    atomic_write_text(out / f"{grid.name}.md", header + body)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_text(out / f"{grid.name}.csv", buffer.getvalue())
+    for folder in [out, Path(grid.records)] if grid.records else [out]:
+        atomic_write_text(folder / f"{grid.name}.md", header + body)
+        atomic_write_text(folder / f"{grid.name}.csv", buffer.getvalue())
     _bar_plot(grid, rows, out / f"{grid.name}.png")
     return out / f"{grid.name}.md"
 

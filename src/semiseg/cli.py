@@ -185,6 +185,7 @@ def _cmd_detector(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from semiseg.bench import (
         finished_results,
+        keep_records,
         last_fifth_table,
         load_grid,
         machines_table,
@@ -196,6 +197,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     grid = load_grid(args.grid)
     if args.report:
+        keep_records(grid)
         results = finished_results(grid)
     else:
         results = run_grid(
@@ -451,7 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--report",
         action="store_true",
-        help="train nothing: write the table of the runs that have finished",
+        help="train nothing: write the table of the runs that have finished (and keep the "
+        "records of those in the run folders, for a grid with `records`)",
     )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_bench)

@@ -82,6 +82,18 @@ class RunFolder:
 
         return read_metrics(self.environment) if self.environment.is_file() else []
 
+    def record_files(self) -> list[Path]:
+        """The small text files that document this run: its config, final scores, training
+        log and machine records, and per self-training round the same with the round's
+        pseudo-label statistics. What a results folder keeps of a finished run; weights,
+        caches, label images and event files stay in the run folder."""
+        names = ("config.yaml", "final.json", "metrics.jsonl", "environment.jsonl")
+        files = [self.path / name for name in names]
+        for round_path in sorted(self.path.glob("round[0-9]*")):
+            files += [round_path / name for name in names]
+            files.append(PseudoLabelFolder(RunFolder(round_path).pseudo_labels).stats)
+        return [f for f in files if f.is_file()]
+
     def metrics_folder(self) -> RunFolder:
         """The run folder whose metrics.jsonl holds this run's training log (the last round
         of a self-training run)."""
