@@ -196,6 +196,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     )
 
     grid = load_grid(args.grid)
+    if args.status:
+        from semiseg.bench_status import grid_status, status_table
+
+        print(status_table(grid, grid_status(grid)))
+        return 0
     if args.report:
         keep_records(grid)
         results = finished_results(grid)
@@ -455,6 +460,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="train nothing: write the table of the runs that have finished (and keep the "
         "records of those in the run folders, for a grid with `records`)",
+    )
+    p.add_argument(
+        "--status",
+        action="store_true",
+        help="train and write nothing: each run's state, last iteration, last val mIoU and the "
+        "training time left",
     )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_bench)
