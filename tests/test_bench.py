@@ -22,6 +22,7 @@ from semiseg.bench import (
     run_config,
     summarize,
 )
+from semiseg.bench_status import grid_status
 from semiseg.cli import main
 from semiseg.config import ConfigError
 from semiseg.curves import mean_over_tail, paired_curve, rise_over_tail, val_curve
@@ -255,10 +256,17 @@ def test_records_outlive_the_run_folders(synthetic_root, tmp_path, capsys):
     assert main(["bench", str(grid_path), "--no-progress"]) == 2
     captured = capsys.readouterr()
     assert "supervised seed 0: finished, read from its record" in captured.out
-    assert "continued seed 0: model.init_from" in captured.err
-    assert "supervised seed 0 finished elsewhere and only its record" in captured.err
+    assert (
+        "continued seed 0: model.init_from needs the weights of supervised seed 0" in captured.err
+    )
+    assert "only its record" in captured.err
     assert f"semiseg train {records / 'supervised' / 'seed0' / 'config.yaml'}" in captured.err
     assert not (out / "continued" / "seed0" / "metrics.jsonl").exists()
+    states = {(r.method, r.state) for r in grid_status(grid)}
+    assert states == {
+        ("supervised", "finished (record)"),
+        ("continued", "needs weights of supervised seed 0"),
+    }
 
 
 def test_record_files_of_a_self_training_run(tmp_path):

@@ -274,7 +274,7 @@ def run_grid(
                 print(f"== {method} seed {seed}: finished, read from its record {record}")
                 continue
             else:
-                _check_warm_start(grid, method, seed, cfg.model.init_from)
+                _check_warm_start(grid, method, seed)
                 print(f"== {method} seed {seed} -> {folder}")
                 train(cfg, progress=progress)
                 if read_result(method, seed, folder, iterations) is None:
@@ -283,25 +283,37 @@ def run_grid(
     return finished_results(grid)
 
 
-def _check_warm_start(grid: BenchGrid, method: str, seed: int, init_from) -> None:
-    """Refuse, before training, a warm start from a checkpoint that is gone because the run
-    that wrote it is here only as its record (it finished on another machine)."""
+def weights_only_recorded(grid: BenchGrid, method: str, seed: int) -> list[tuple[str, int, Path]]:
+    """The runs of the grid (method, seed, record folder) whose checkpoint this run starts
+    from (``model.init_from``) but that are here only as their record: they finished on
+    another machine and their weights are gone, so this run cannot start until they are
+    trained again here."""
+    init_from = run_config(grid, method, seed).model.init_from
+    missing = []
     for path in [init_from] if isinstance(init_from, str) else init_from or []:
         if Path(path).is_file():
             continue
         for other in grid.methods:
             for other_seed in grid.seeds:
                 record = record_dir(grid, other, other_seed)
-                folder = run_dir(grid, other, other_seed)
-                if record is None or not Path(path).is_relative_to(folder):
-                    continue
-                if RunFolder(record).final.is_file():
-                    raise ConfigError(
-                        f"{method} seed {seed}: model.init_from {path} is missing: {other} seed "
-                        f"{other_seed} finished elsewhere and only its record ({record}, no "
-                        f"weights) is here. Train it again here first (its record then becomes the "
-                        f"new run's): semiseg train {RunFolder(record).config}"
-                    )
+                if (
+                    record is not None
+                    and Path(path).is_relative_to(run_dir(grid, other, other_seed))
+                    and RunFolder(record).final.is_file()
+                ):
+                    missing.append((other, other_seed, record))
+    return missing
+
+
+def _check_warm_start(grid: BenchGrid, method: str, seed: int) -> None:
+    """Refuse, before training, a run whose warm start is a recorded run's lost weights."""
+    for other, other_seed, record in weights_only_recorded(grid, method, seed):
+        raise ConfigError(
+            f"{method} seed {seed}: model.init_from needs the weights of {other} seed "
+            f"{other_seed}, which finished elsewhere: only its record ({record}, no weights) is "
+            f"here. Train it again here first (its record then becomes the new run's): "
+            f"semiseg train {RunFolder(record).config}"
+        )
 
 
 def finished_result(grid: BenchGrid, method: str, seed: int) -> RunResult | None:

@@ -14,7 +14,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from semiseg.bench import BenchGrid, finished_result, run_config, run_dir
+from semiseg.bench import (
+    BenchGrid,
+    finished_result,
+    run_config,
+    run_dir,
+    weights_only_recorded,
+)
 from semiseg.metrics_log import read_metrics
 from semiseg.run_folder import RunFolder
 from semiseg.schedule import planned_iterations
@@ -32,7 +38,8 @@ class RunStatus:
     method: str
     seed: int
     state: str
-    """'finished', 'finished (record)', 'stopped', 'writing' or 'not started'."""
+    """'finished', 'finished (record)', 'stopped', 'writing', 'not started' or 'needs weights'
+    (its warm start is a run that is here only as its record, `weights_only_recorded`)."""
     iteration: int
     planned: int
     miou: float | None
@@ -85,7 +92,11 @@ def run_status(grid: BenchGrid, method: str, seed: int, now: float | None = None
         )
     log, round_name = _log_folder(run_dir(grid, method, seed))
     if not log.metrics.is_file():
-        return RunStatus(method, seed, "not started", 0, planned, None, None)
+        waits = weights_only_recorded(grid, method, seed)
+        state = "not started"
+        if waits:
+            state = "needs weights of " + ", ".join(f"{m} seed {s}" for m, s, _ in waits)
+        return RunStatus(method, seed, state, 0, planned, None, None)
     records = read_metrics(log.metrics)
     val = [r for r in records if r["split"] == "val"]
     idle = (time.time() if now is None else now) - log.metrics.stat().st_mtime
