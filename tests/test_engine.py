@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from conftest import crash_at, tiny_config
 from semiseg.checkpoint import load_checkpoint
 from semiseg.config import ConfigError, config_from_dict
 from semiseg.data.formats import DataError
-from semiseg.engine import Trainer, poly_factor
+from semiseg.engine import Trainer, _pace, poly_factor
 from semiseg.metrics_log import read_metrics
 from semiseg.training import train
 
@@ -353,3 +354,13 @@ def test_cuda_sync_names_its_choices(synthetic_root, tmp_path):
     assert config_from_dict(cfg).train.cuda_sync == "block"
     with pytest.raises(ConfigError, match="train.cuda_sync"):
         config_from_dict({"train": {"cuda_sync": "spin"}})
+
+
+def test_pace_line_after_an_evaluation():
+    # 100 steps in 100 s since this process started at iteration 100: 1 s/iter, and the 800
+    # steps left of 1,000 take 800 s (13 min); 8,000 left take 2.2 h.
+    started = (time.perf_counter() - 100.0, 100)
+    assert _pace(started, 200, 1000) == "; 1.00 s/iter, 13 min left"
+    assert _pace(started, 200, 8200) == "; 1.00 s/iter, 2.2 h left"
+    assert _pace(started, 1000, 1000) == ""
+    assert _pace((time.perf_counter(), 200), 200, 1000) == ""

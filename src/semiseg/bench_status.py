@@ -21,7 +21,7 @@ from semiseg.bench import (
     run_dir,
     weights_only_recorded,
 )
-from semiseg.metrics_log import read_metrics
+from semiseg.metrics_log import format_duration, read_metrics
 from semiseg.run_folder import RunFolder
 from semiseg.schedule import planned_iterations
 
@@ -124,10 +124,6 @@ def grid_status(grid: BenchGrid, now: float | None = None) -> list[RunStatus]:
     return runs
 
 
-def _hours(seconds: float) -> str:
-    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
-
-
 def status_table(grid: BenchGrid, runs: list[RunStatus]) -> str:
     """The runs as a Markdown table and a line with the training time left in all."""
     lines = [
@@ -139,13 +135,13 @@ def status_table(grid: BenchGrid, runs: list[RunStatus]) -> str:
         if r.round_name:
             state += f", {r.round_name}"
         if r.idle_seconds is not None and r.state == "stopped":
-            state += f", log idle {_hours(r.idle_seconds)}"
+            state += f", log idle {format_duration(r.idle_seconds)}"
         left = r.left_seconds
         lines.append(
             f"| {r.method} | {r.seed} | {state} | {r.iteration}/{r.planned} "
             f"| {'-' if r.miou is None else f'{r.miou:.2f}'} "
             f"| {'-' if r.sec_per_iter is None else f'{r.sec_per_iter:.2f}'} "
-            f"| {'-' if left is None else _hours(left)} |"
+            f"| {'-' if left is None else format_duration(left)} |"
         )
     unfinished = [r for r in runs if not r.state.startswith("finished")]
     timed = [r.left_seconds for r in unfinished if r.left_seconds is not None]
@@ -153,7 +149,7 @@ def status_table(grid: BenchGrid, runs: list[RunStatus]) -> str:
     summary = f"{done} of {len(runs)} runs finished"
     if unfinished:
         summary += (
-            f"; {_hours(sum(timed))} of training left for {len(timed)} of the other runs "
+            f"; {format_duration(sum(timed))} of training left for {len(timed)} of the other runs "
             "(evaluations not counted)"
         )
         untimed = [r.method for r in unfinished if r.left_seconds is None]

@@ -60,7 +60,7 @@ from semiseg.distributed import (
 from semiseg.environment import describe as describe_environment
 from semiseg.evaluation import SegmentationScores, evaluate
 from semiseg.files import atomic_write, remove_stale_temporaries
-from semiseg.metrics_log import MetricsLogger
+from semiseg.metrics_log import MetricsLogger, format_duration
 from semiseg.models import build_model
 from semiseg.precision import autocast_dtype, describe
 from semiseg.pseudo import PolicyContext
@@ -266,6 +266,17 @@ def optimizer_step(
 
 SNAPSHOT_IMAGES = 4
 """Unlabeled images whose per-evaluation snapshots a component keeps (FPL's K maps)."""
+
+
+def _pace(started: tuple[float, int], iteration: int, total: int) -> str:
+    """The wall-clock speed of this process so far, evaluations included, and the time left
+    at that speed: the only progress a run started without progress bars (a background
+    bench) prints between its evaluations."""
+    elapsed, steps = time.perf_counter() - started[0], iteration - started[1]
+    if steps <= 0 or iteration >= total:
+        return ""
+    left = (total - iteration) * elapsed / steps
+    return f"; {elapsed / steps:.2f} s/iter, {format_duration(left)} left"
 
 
 class Trainer:
@@ -596,7 +607,9 @@ class Trainer:
             progress=self.progress,
         )
 
-    def _after_eval(self, scores: SegmentationScores, logger: MetricsLogger | None) -> None:
+    def _after_eval(
+        self, scores: SegmentationScores, logger: MetricsLogger | None, pace: str = ""
+    ) -> None:
         self.last_scores = scores
         improved = scores.miou > self.best["miou"]
         if improved:
@@ -610,7 +623,8 @@ class Trainer:
             ckpt["scores"] = scores.as_dict(self.data.class_names)
             save_atomic(ckpt, self.folder.best)
         tqdm.write(
-            f"[iter {self.iteration}] val mIoU {100 * scores.miou:.2f} (best {100 * self.best['miou']:.2f} @ {self.best['iteration']})"
+            f"[iter {self.iteration}] val mIoU {100 * scores.miou:.2f} "
+            f"(best {100 * self.best['miou']:.2f} @ {self.best['iteration']}){pace}"
         )
 
     @torch.no_grad()
@@ -715,6 +729,7 @@ class Trainer:
             dynamic_ncols=True,
         )
         window_start, window = time.perf_counter(), WindowMeans()
+        started = (window_start, self.iteration)
         with StopSignals() as stop:
             while self.iteration < total:
                 waited = time.perf_counter()
@@ -729,7 +744,7 @@ class Trainer:
                     window_start, window = time.perf_counter(), WindowMeans()
                 evaluated = self.iteration % cfg.train.eval_every == 0 or self.iteration == total
                 if evaluated:
-                    self._after_eval(self.evaluate(), logger)
+                    self._after_eval(self.evaluate(), logger, _pace(started, self.iteration, total))
                 saved = self.iteration % checkpoint_every == 0 or self.iteration == total
                 if saved:
                     self._save_latest()

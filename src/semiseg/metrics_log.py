@@ -68,3 +68,8 @@ def read_metrics(path: Path) -> list[dict]:
         except json.JSONDecodeError:
             continue
     return records
+
+
+def format_duration(seconds: float) -> str:
+    """A training time as the progress lines and `semiseg bench --status` print it."""
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
