@@ -167,14 +167,13 @@ def record_dir(grid: BenchGrid, method: str, seed: int) -> Path | None:
 
 
 def log_dir(grid: BenchGrid, method: str, seed: int) -> Path:
-    """The folder to read the run's logs from: its run folder while that holds the run
-    (finished or not), else its record where one is kept."""
+    """The folder to read the run's logs from: the one `finished_result` reads (the run
+    folder, else the record) for a finished run, the run folder for any other."""
     folder = run_dir(grid, method, seed)
     record = record_dir(grid, method, seed)
-    if not RunFolder(folder).final.is_file() and not RunFolder(folder).metrics.is_file():
-        if record is not None and RunFolder(record).final.is_file():
-            return record
-    return folder
+    if RunFolder(folder).final.is_file() or record is None:
+        return folder
+    return record if RunFolder(record).final.is_file() else folder
 
 
 def read_result(method: str, seed: int, folder: Path, iterations: int) -> RunResult | None:
