@@ -260,13 +260,23 @@ def test_records_outlive_the_run_folders(synthetic_root, tmp_path, capsys):
         "continued seed 0: model.init_from needs the weights of supervised seed 0" in captured.err
     )
     assert "only its record" in captured.err
-    assert f"semiseg train {records / 'supervised' / 'seed0' / 'config.yaml'}" in captured.err
+    rebuild = (
+        f"semiseg train {records / 'supervised' / 'seed0' / 'config.yaml'} "
+        f"output_dir={out / 'supervised' / 'seed0'}"
+    )
+    assert rebuild in captured.err
     assert not (out / "continued" / "seed0" / "metrics.jsonl").exists()
     states = {(r.method, r.state) for r in grid_status(grid)}
     assert states == {
         ("supervised", "finished (record)"),
         ("continued", "needs weights of supervised seed 0"),
     }
+    # The command the error names rebuilds the weights where the row looks for them.
+    cmd = rebuild.split()[2:]
+    assert main(["train", *cmd, "--no-progress"]) == 0
+    assert (out / "supervised" / "seed0" / "latest.pt").is_file()
+    assert main(["bench", str(grid_path), "--no-progress"]) == 0
+    assert (out / "continued" / "seed0" / "final.json").is_file()
 
 
 def test_record_files_of_a_self_training_run(tmp_path):

@@ -311,7 +311,8 @@ def _check_warm_start(grid: BenchGrid, method: str, seed: int) -> None:
             f"{method} seed {seed}: model.init_from needs the weights of {other} seed "
             f"{other_seed}, which finished elsewhere: only its record ({record}, no weights) is "
             f"here. Train it again here first (its record then becomes the new run's): "
-            f"semiseg train {RunFolder(record).config}"
+            f"semiseg train {RunFolder(record).config} "
+            f"output_dir={run_dir(grid, other, other_seed)}"
         )
 
 
