@@ -41,8 +41,10 @@ config, final scores, metrics log and machine log (`RunFolder.record_files`), no
 RECORDS/METHOD/seedN, copied as each run finishes, plus the table's Markdown and CSV. Commit
 it (e.g. under benchmarks/results/) and a new machine, or a colleague's clone, loses no
 finished run: a run whose folder is gone is read from its record for the table and the
-curves, and is not trained again (nor is a partial run of it resumed). Its weights are not in the record, so a row that starts
-from its checkpoint (``model.init_from``) stops with an error that says how to rebuild it.
+curves, and is not trained again (nor is a partial run of it resumed). Its weights are not
+in the record, so a row that starts from its checkpoint (``model.init_from``) stops with an
+error that says how to rebuild it. ``semiseg bench GRID --status`` (`semiseg.bench_status`)
+shows where every run stands.
 
 The table reports each run's last evaluation. A second table gives the same comparisons on
 the mean of each run's evaluations over the last fifth of its schedule
