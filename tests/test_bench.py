@@ -240,6 +240,11 @@ def test_records_outlive_the_run_folders(synthetic_root, tmp_path, capsys):
     assert (records / "tiny.csv").is_file() and not (records / "tiny.png").exists()
     grid = load_grid(grid_path)
     assert keep_record(grid, "supervised", 0) == 0  # unchanged files are not rewritten
+    # --report keeps the records of the finished runs it finds (a run trained by a bench
+    # process started before the grid named its records folder).
+    (records / "supervised" / "seed0" / "metrics.jsonl").unlink()
+    assert main(["bench", str(grid_path), "--report"]) == 0
+    assert (records / "supervised" / "seed0" / "metrics.jsonl").is_file()
     assert log_dir(grid, "supervised", 0) == out / "supervised" / "seed0"
 
     table = (out / "tiny.md").read_text()
