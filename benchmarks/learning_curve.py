@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 
 from semiseg.bench import load_grid, log_dir, run_config
-from semiseg.curves import paired_curve, rise_over_tail, val_curve
+from semiseg.curves import pair_summary, paired_curve, rise_over_tail, val_curve
 from semiseg.schedule import planned_iterations
 
 
@@ -57,6 +57,7 @@ def main() -> None:
                 f"| {_pm(p.gain, p.se)} | {p.pairs} |"
             )
         print()
+    _print_pairs(grid, curves, baseline, methods)
     print("## Rise over the last fifth of the schedule (points; last eval minus the one at 80 %)\n")
     print("| method | " + " | ".join(f"seed {s}" for s in grid.seeds) + " |")
     print("|---|" + "---:|" * len(grid.seeds))
@@ -70,6 +71,30 @@ def main() -> None:
     if args.plot:
         _plot(grid.name, curves, baseline, methods, args.key, args.plot)
         print(f"\nplot: {args.plot}")
+
+
+def _print_pairs(grid, curves, baseline, methods) -> None:
+    print(f"## Each run against its {baseline} pair (same seed, shared evaluations)\n")
+    print(
+        "| method | seed | evaluations | below its pair | mean gain | gain from the midpoint "
+        "| last-fifth gain |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for method in methods:
+        if method == baseline:
+            continue
+        for seed, curve in sorted(curves[method].items()):
+            length = planned_iterations(run_config(grid, method, seed))
+            summary = pair_summary(curve, curves[baseline].get(seed, {}), length)
+            if summary is None:
+                continue
+            late, tail = summary.late_gain, summary.tail_gain
+            print(
+                f"| {method} | {seed} | {summary.evaluations} | {summary.below} "
+                f"| {summary.mean_gain:+.2f} | {'-' if late is None else f'{late:+.2f}'} "
+                f"| {'-' if tail is None else f'{tail:+.2f}'} |"
+            )
+    print()
 
 
 def _plot(name, curves, baseline, methods, key, path: Path) -> None:

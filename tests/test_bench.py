@@ -25,7 +25,7 @@ from semiseg.bench import (
 from semiseg.bench_status import grid_status
 from semiseg.cli import main
 from semiseg.config import ConfigError
-from semiseg.curves import mean_over_tail, paired_curve, rise_over_tail, val_curve
+from semiseg.curves import mean_over_tail, pair_summary, paired_curve, rise_over_tail, val_curve
 from semiseg.run_folder import RunFolder
 
 
@@ -334,6 +334,22 @@ def test_val_curves_paired_gain_and_rise(tmp_path):
     assert rise_over_tail(base[1], 100) == pytest.approx(12.0)
     assert rise_over_tail(base[1], 200) is None
     assert rise_over_tail({100: 40.0}, 100) is None
+
+
+def test_a_run_against_its_pair_over_the_shared_evaluations():
+    # Gains at 20/40/60/80/100: -2, +1, -1, -3, +1 (the eval at 10 is the run's alone).
+    run = {10: 5.0, 20: 30.0, 40: 41.0, 60: 44.0, 80: 45.0, 100: 50.0}
+    pair = {20: 32.0, 40: 40.0, 60: 45.0, 80: 48.0, 100: 49.0}
+    summary = pair_summary(run, pair, 100)
+    assert (summary.evaluations, summary.below) == (5, 3)
+    assert summary.mean_gain == pytest.approx(-0.8)
+    # From the midpoint (50) on: -1, -3, +1.
+    assert summary.late_gain == pytest.approx(-1.0)
+    # Last fifth (80..100): run 47.5, pair 48.5.
+    assert summary.tail_gain == pytest.approx(-1.0)
+    unfinished = pair_summary({20: 30.0}, pair, 100)
+    assert (unfinished.late_gain, unfinished.tail_gain) == (None, None)
+    assert pair_summary({10: 5.0}, pair, 100) is None
 
 
 def test_mean_over_the_last_fifth(tmp_path):

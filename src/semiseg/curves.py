@@ -83,3 +83,38 @@ def mean_over_tail(curve: Curve, length: int, fraction: float = 0.2) -> float | 
     start = (1 - fraction) * length
     values = [v for i, v in curve.items() if start <= i <= length]
     return sum(values) / len(values)
+
+
+@dataclass
+class PairSummary:
+    """One run's curve against its baseline pair (same seed), over the evaluations both
+    logged. A single final evaluation swings by a point or more; these say whether a run was
+    below its pair all along or only at the end."""
+
+    evaluations: int
+    below: int
+    """Evaluations at which the run is below its pair."""
+    mean_gain: float
+    """Mean of (run - pair) over the shared evaluations, in points."""
+    late_gain: float | None
+    """The same over the shared evaluations from the schedule's midpoint on."""
+    tail_gain: float | None
+    """Mean over the last fifth of the run minus that of its pair (`mean_over_tail`)."""
+
+
+def pair_summary(curve: Curve, pair: Curve, length: int) -> PairSummary | None:
+    """`curve` against `pair` (the baseline of the same seed) on a `length`-iteration
+    schedule; None if they share no evaluation."""
+    shared = sorted(set(curve) & set(pair))
+    if not shared:
+        return None
+    gains = {i: curve[i] - pair[i] for i in shared}
+    late = [g for i, g in gains.items() if i >= length / 2]
+    run_tail, pair_tail = mean_over_tail(curve, length), mean_over_tail(pair, length)
+    return PairSummary(
+        evaluations=len(shared),
+        below=sum(g < 0 for g in gains.values()),
+        mean_gain=sum(gains.values()) / len(gains),
+        late_gain=sum(late) / len(late) if late else None,
+        tail_gain=None if run_tail is None or pair_tail is None else run_tail - pair_tail,
+    )
