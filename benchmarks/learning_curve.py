@@ -25,14 +25,20 @@ def _pm(value: float | None, spread: float | None) -> str:
     return f"{value:+.2f} ± {'-' if spread is None else f'{spread:.2f}'}"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("grid")
     parser.add_argument("--methods", nargs="+", help="default: every method of the grid")
     parser.add_argument("--baseline", help="default: the grid's baseline")
     parser.add_argument("--key", default="miou", help="val metric: miou or tail_miou")
     parser.add_argument("--plot", type=Path, help="write the gain curves to this PNG")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--seed-tables",
+        type=int,
+        metavar="EVERY",
+        help="also print each seed's curves side by side, every EVERY iterations",
+    )
+    args = parser.parse_args(argv)
 
     grid = load_grid(args.grid)
     baseline = args.baseline or grid.baseline
@@ -58,6 +64,8 @@ def main() -> None:
             )
         print()
     _print_pairs(grid, curves, baseline, methods)
+    if args.seed_tables:
+        _print_seed_tables(grid.seeds, curves, [baseline, *methods], args.seed_tables)
     print("## Rise over the last fifth of the schedule (points; last eval minus the one at 80 %)\n")
     print("| method | " + " | ".join(f"seed {s}" for s in grid.seeds) + " |")
     print("|---|" + "---:|" * len(grid.seeds))
@@ -95,6 +103,21 @@ def _print_pairs(grid, curves, baseline, methods) -> None:
                 f"| {'-' if tail is None else f'{tail:+.2f}'} |"
             )
     print()
+
+
+def _print_seed_tables(seeds, curves, methods, every: int) -> None:
+    for seed in seeds:
+        rows = {m: curves[m][seed] for m in dict.fromkeys(methods) if seed in curves[m]}
+        if not rows:
+            continue
+        iterations = sorted({i for c in rows.values() for i in c if i % every == 0})
+        print(f"## Seed {seed}, every {every} iterations\n")
+        print("| method | " + " | ".join(f"{i:,}" for i in iterations) + " |")
+        print("|---|" + "---:|" * len(iterations))
+        for method, curve in rows.items():
+            cells = [f"{curve[i]:.2f}" if i in curve else "-" for i in iterations]
+            print(f"| {method} | " + " | ".join(cells) + " |")
+        print()
 
 
 def _plot(name, curves, baseline, methods, key, path: Path) -> None:
