@@ -3,22 +3,17 @@ tiny grid run end to end (calibration, concurrent runs, a row after its teacher,
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import tarfile
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import tiny_config, write_grid
+from conftest import load_benchmark, tiny_config, write_grid
 
 from semiseg.bench import load_grid, run_dir
 
-_SPEC = importlib.util.spec_from_file_location(
-    "gpu_grid", Path(__file__).parents[1] / "benchmarks" / "gpu_grid.py"
-)
-gpu_grid = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(gpu_grid)
+gpu_grid = load_benchmark("gpu_grid")
 
 
 @pytest.fixture

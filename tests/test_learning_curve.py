@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
-from conftest import tiny_config, write_grid
+from conftest import load_benchmark, tiny_config, write_grid
 
-_SPEC = importlib.util.spec_from_file_location(
-    "learning_curve", Path(__file__).parents[1] / "benchmarks" / "learning_curve.py"
-)
-learning_curve = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(learning_curve)
+learning_curve = load_benchmark("learning_curve")
 
 
 def _run(folder: Path, evals: list[tuple[int, float]]) -> None:

@@ -3,24 +3,19 @@ against the images' own masks."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import load_benchmark, tiny_config
 from PIL import Image
 
 from semiseg.config import config_from_dict, save_config
 from semiseg.data.formats import DataError, Sample, read_label_image
 from semiseg.data.splits import read_split, write_split
 
-_SPEC = importlib.util.spec_from_file_location(
-    "pseudo_label_classes", Path(__file__).parents[1] / "benchmarks" / "pseudo_label_classes.py"
-)
-pseudo_label_classes = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(pseudo_label_classes)
+pseudo_label_classes = load_benchmark("pseudo_label_classes")
 
 
 def _round_folder(synthetic_root: Path, tmp_path: Path) -> tuple[Path, list[Sample]]:

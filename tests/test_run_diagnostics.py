@@ -3,18 +3,14 @@ last round's folder) and the per-class pseudo-label counts of a round."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_benchmark
 
-_SPEC = importlib.util.spec_from_file_location(
-    "run_diagnostics", Path(__file__).parents[1] / "benchmarks" / "run_diagnostics.py"
-)
-run_diagnostics = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(run_diagnostics)
+run_diagnostics = load_benchmark("run_diagnostics")
 
 
 def _self_training_run(root: Path, method: str, seed: int, thresholded, final, kl) -> None:

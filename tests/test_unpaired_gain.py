@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
-from conftest import tiny_config, write_grid
+from conftest import load_benchmark, tiny_config, write_grid
 
-_SPEC = importlib.util.spec_from_file_location(
-    "unpaired_gain", Path(__file__).parents[1] / "benchmarks" / "unpaired_gain.py"
-)
-unpaired_gain = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(unpaired_gain)
+unpaired_gain = load_benchmark("unpaired_gain")
 
 
 def _finished_run(folder: Path, evals: list[tuple[int, float]]) -> None:
