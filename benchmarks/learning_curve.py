@@ -1,6 +1,8 @@
 """Learning curves of a bench grid: val mIoU against iterations per method (mean ± std over
-seeds), the paired gain over the baseline at each evaluation (± its standard error), and how
-much each run still rose over the last fifth of its schedule (convergence).
+seeds), the paired gain over the baseline at each evaluation (± its standard error), each
+run against its baseline run of the same seed over all their evaluations, and how much each
+run still rose over the last fifth of its schedule (convergence); `--seed-tables EVERY` adds
+each seed's curves side by side.
 
     python benchmarks/learning_curve.py benchmarks/grids/camvid-1_16-cpu.yaml \
         --methods fixmatch unimatch --plot benchmarks/results/camvid-1_16-cpu/learning_curve.png
@@ -23,6 +25,10 @@ def _pm(value: float | None, spread: float | None) -> str:
     if value is None:
         return "-"
     return f"{value:+.2f} ± {'-' if spread is None else f'{spread:.2f}'}"
+
+
+def _signed(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.2f}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -74,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         for seed in grid.seeds:
             length = planned_iterations(run_config(grid, method, seed))
             rise = rise_over_tail(curves[method].get(seed, {}), length)
-            cells.append("-" if rise is None else f"{rise:+.2f}")
+            cells.append(_signed(rise))
         print(f"| {method} | " + " | ".join(cells) + " |")
     if args.plot:
         _plot(grid.name, curves, baseline, methods, args.key, args.plot)
@@ -96,11 +102,10 @@ def _print_pairs(grid, curves, baseline, methods) -> None:
             summary = pair_summary(curve, curves[baseline].get(seed, {}), length)
             if summary is None:
                 continue
-            late, tail = summary.late_gain, summary.tail_gain
             print(
                 f"| {method} | {seed} | {summary.evaluations} | {summary.below} "
-                f"| {summary.mean_gain:+.2f} | {'-' if late is None else f'{late:+.2f}'} "
-                f"| {'-' if tail is None else f'{tail:+.2f}'} |"
+                f"| {summary.mean_gain:+.2f} | {_signed(summary.late_gain)} "
+                f"| {_signed(summary.tail_gain)} |"
             )
     print()
 

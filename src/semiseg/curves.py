@@ -105,7 +105,7 @@ class PairSummary:
 def pair_summary(curve: Curve, pair: Curve, length: int) -> PairSummary | None:
     """`curve` against `pair` (the baseline of the same seed) on a `length`-iteration
     schedule; None if they share no evaluation."""
-    shared = sorted(set(curve) & set(pair))
+    shared = set(curve) & set(pair)
     if not shared:
         return None
     gains = {i: curve[i] - pair[i] for i in shared}
