@@ -134,19 +134,20 @@ def _plot(name, curves, baseline, methods, key, path: Path) -> None:
     from semiseg.files import atomic_write
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for method in dict.fromkeys([baseline, *methods]):
+    # One colour per method in both panels, so a gain curve reads against its own mIoU curve.
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, method in enumerate(dict.fromkeys([baseline, *methods])):
         if not curves[method]:
             continue
+        style = {"capsize": 3, "label": method, "color": cycle[index % len(cycle)]}
         points = paired_curve(curves[method], curves[baseline])
         xs = [p.iteration for p in points]
-        left.errorbar(
-            xs, [p.mean for p in points], yerr=[p.std for p in points], capsize=3, label=method
-        )
+        left.errorbar(xs, [p.mean for p in points], yerr=[p.std for p in points], **style)
         if method != baseline:
             gains = [(p.iteration, p.gain, p.se or 0.0) for p in points if p.gain is not None]
             if gains:
                 x, g, e = zip(*gains, strict=True)
-                right.errorbar(x, g, yerr=[2 * v for v in e], capsize=3, label=method)
+                right.errorbar(x, g, yerr=[2 * v for v in e], **style)
     left.set(xlabel="iteration", ylabel=f"val {key} (%)", title=f"{name}: mean ± std over seeds")
     right.axhline(0.0, color="grey", linewidth=1)
     right.set(xlabel="iteration", ylabel=f"paired gain over {baseline}", title="paired gain ± 2 SE")
