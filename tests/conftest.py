@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -106,3 +107,22 @@ def crash_at(cfg, at_iteration: int, monkeypatch) -> None:
     with pytest.raises(Killed):
         train(cfg, progress=False)
     monkeypatch.setattr(Trainer, "_set_lr", original)
+
+
+# How long a test waits on a `semiseg` child process before calling it hung. It measures
+# nothing: on a loaded CI machine a child can take minutes to import torch and reach its first
+# checkpoint (a 120 s limit failed beside a training run, at 1.2 s per tiny step).
+CHILD_LIMIT_S = 1800.0
+
+
+def wait_for_child(condition, process, what: str, limit_s: float = CHILD_LIMIT_S) -> None:
+    """Poll `condition()` until it holds; fail naming `what` if `process` exits first or hangs."""
+    deadline = time.monotonic() + limit_s
+    while not condition():
+        if process.poll() is not None:
+            stderr = process.stderr.read() if process.stderr else ""
+            pytest.fail(f"the child exited with {process.returncode} before {what}\n{stderr}")
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"waited {limit_s:.0f} s for {what}: the child looks hung")
+        time.sleep(0.1)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import crash_at, tiny_config
+from conftest import CHILD_LIMIT_S, crash_at, tiny_config, wait_for_child
 
 from semiseg.checkpoint import load_checkpoint
 from semiseg.config import ConfigError, config_from_dict
@@ -185,7 +185,6 @@ def test_sigkilled_cli_run_resumes_to_the_same_weights(synthetic_root, tmp_path)
     import signal
     import subprocess
     import sys
-    import time
 
     import yaml
 
@@ -207,16 +206,14 @@ def test_sigkilled_cli_run_resumes_to_the_same_weights(synthetic_root, tmp_path)
     cmd = [sys.executable, "-m", "semiseg.cli", "train", str(config), "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not (run / "latest.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for_child((run / "latest.pt").exists, proc, "a first checkpoint")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     killed_at = load_checkpoint(run / "latest.pt")["iteration"]
     assert 0 < killed_at < 16
 
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=CHILD_LIMIT_S)
     assert done.returncode == 0, done.stderr[-2000:]
     a, b = _state(reference), _state(run)
     assert b["iteration"] == 16

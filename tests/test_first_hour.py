@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import tiny_config
+from conftest import CHILD_LIMIT_S, tiny_config, wait_for_child
 from PIL import Image
 
 from semiseg.checkpoint import load_checkpoint
@@ -137,16 +137,14 @@ def test_the_cli_exits_with_one_line_on_sigterm_and_resumes(synthetic_root, tmp_
         text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
-    deadline = time.time() + 120
-    while not (
-        (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().count("\n") >= 2
-    ):
-        assert time.time() < deadline and process.poll() is None, (
-            process.stderr.read() if process.poll() is not None else "timeout"
-        )
-        time.sleep(0.2)
+    metrics = out / "metrics.jsonl"
+    wait_for_child(
+        lambda: metrics.is_file() and metrics.read_text().count("\n") >= 2,
+        process,
+        "two logged steps",
+    )
     process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=120)
+    _, stderr = process.communicate(timeout=CHILD_LIMIT_S)
     assert process.returncode == 143, stderr
     assert "Traceback" not in stderr and "stopped by SIGTERM at iteration" in stderr
     # The checkpoint is the step the run stopped at (resuming from it is exact: see above).
