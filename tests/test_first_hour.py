@@ -5,6 +5,7 @@ plots and export."""
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -25,7 +26,7 @@ from semiseg.cli import main
 from semiseg.config import ConfigError, config_from_dict, load_config
 from semiseg.data.formats import DataError
 from semiseg.engine import Trainer
-from semiseg.stop_signals import TrainingInterrupted
+from semiseg.stop_signals import TrainingInterrupted, leave_stops_to_the_main_process
 from semiseg.training import train
 
 
@@ -117,8 +118,32 @@ def test_sigterm_stops_at_a_step_boundary_with_a_checkpoint_and_resume_is_exact(
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _worker_that_sleeps(ready) -> None:
+    leave_stops_to_the_main_process(0)
+    ready.set()
+    time.sleep(CHILD_LIMIT_S)
+
+
+@pytest.mark.skipif(not hasattr(signal, "sigwaitinfo"), reason="no sender of a signal to read")
+def test_a_worker_ignores_sigterm_from_others_and_ends_on_its_parents():
+    context = multiprocessing.get_context("fork")
+    ready = context.Event()
+    worker = context.Process(target=_worker_that_sleeps, args=(ready,), daemon=True)
+    worker.start()
+    assert ready.wait(CHILD_LIMIT_S)
+    subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)  # a scheduler, say
+    worker.join(timeout=1.0)
+    assert worker.is_alive()
+    worker.terminate()  # what multiprocessing does to daemonic workers at exit
+    worker.join(timeout=CHILD_LIMIT_S)
+    assert worker.exitcode == 128 + signal.SIGTERM
+
+
 @pytest.mark.slow
-def test_the_cli_exits_with_one_line_on_sigterm_and_resumes(synthetic_root, tmp_path):
+@pytest.mark.parametrize("whole_group", [False, True], ids=["process", "process-group"])
+def test_the_cli_exits_with_one_line_on_sigterm_and_resumes(synthetic_root, tmp_path, whole_group):
+    # A job scheduler (SLURM, `kill -TERM -- -PGID`, `pkill -f`) signals every process of the
+    # job, DataLoader workers included: they must leave the stop to the main process.
     out = tmp_path / "run"
     config = tmp_path / "cfg.yaml"
     config.write_text(
@@ -126,6 +151,7 @@ def test_the_cli_exits_with_one_line_on_sigterm_and_resumes(synthetic_root, tmp_
             tiny_config(
                 synthetic_root,
                 out,
+                data={"workers": 2 if whole_group else 0},
                 train={"iterations": 400, "eval_every": 400, "log_every": 1, "threads": 1},
             )
         )
@@ -136,6 +162,7 @@ def test_the_cli_exits_with_one_line_on_sigterm_and_resumes(synthetic_root, tmp_
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
+        start_new_session=whole_group,
     )
     metrics = out / "metrics.jsonl"
     wait_for_child(
@@ -143,7 +170,10 @@ def test_the_cli_exits_with_one_line_on_sigterm_and_resumes(synthetic_root, tmp_
         process,
         "two logged steps",
     )
-    process.send_signal(signal.SIGTERM)
+    if whole_group:
+        os.killpg(process.pid, signal.SIGTERM)
+    else:
+        process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=CHILD_LIMIT_S)
     assert process.returncode == 143, stderr
     assert "Traceback" not in stderr and "stopped by SIGTERM at iteration" in stderr

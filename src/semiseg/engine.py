@@ -67,7 +67,7 @@ from semiseg.pseudo import PolicyContext
 from semiseg.run_folder import RunFolder, final_record
 from semiseg.schedule import resolve as resolve_schedule
 from semiseg.schemes import SCHEMES, Scheme, StepOutput, Teaching, Views, unwrap
-from semiseg.stop_signals import StopSignals, TrainingInterrupted, ignore_interrupts
+from semiseg.stop_signals import StopSignals, TrainingInterrupted, leave_stops_to_the_main_process
 from semiseg.warm_start import load_warm_start, load_weights, warm_start_sources
 
 # Keys that change how a run is executed or reported but not what it computes, so a
@@ -423,7 +423,7 @@ class Trainer:
             pin_memory=self.ctx.device.type == "cuda",
             drop_last=True,
             persistent_workers=cfg.workers > 0,
-            worker_init_fn=ignore_interrupts if cfg.workers > 0 else None,
+            worker_init_fn=leave_stops_to_the_main_process if cfg.workers > 0 else None,
             # Its own generator: creating a loader must not draw from the global RNG, whose
             # saved state a resumed run restores (dropout and feature perturbation use it).
             generator=torch.Generator().manual_seed(seed),
@@ -446,6 +446,7 @@ class Trainer:
             batch_size=cfg.eval_batch_size,
             sampler=sampler,
             num_workers=min(cfg.workers, 2),
+            worker_init_fn=leave_stops_to_the_main_process if cfg.workers > 0 else None,
             generator=torch.Generator().manual_seed(0),
         )
 

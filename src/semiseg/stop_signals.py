@@ -3,6 +3,7 @@ checkpoint, so the same command resumes it."""
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from pathlib import Path
@@ -52,6 +53,28 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
-def ignore_interrupts(worker_id: int) -> None:
-    """DataLoader workers leave Ctrl-C to the main process, which stops at a step boundary."""
+def leave_stops_to_the_main_process(worker_id: int) -> None:
+    """DataLoader workers leave SIGINT and SIGTERM to the main process, which stops at a step
+    boundary after a checkpoint and then shuts its workers down.
+
+    Ctrl-C in a terminal and job schedulers (SLURM, `kill -- -PGID`, `pkill -f`) signal every
+    process of the job. A worker killed by it would end the run with PyTorch's "DataLoader
+    worker is killed by signal", raised in the main process wherever it is (mid-backward),
+    and no checkpoint. SIGTERM sent by the main process itself still ends the worker: that is
+    how multiprocessing stops daemonic workers at exit, and ignoring it would hang the exit.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):  # macOS cannot tell who sent a signal
+        return
+    # Workers start with one thread; blocking SIGTERM here blocks it in every later thread too,
+    # so the waiting thread is the only one that receives it.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(
+        target=_exit_on_sigterm_from, args=(os.getppid(),), name="sigterm", daemon=True
+    ).start()
+
+
+def _exit_on_sigterm_from(parent: int) -> None:
+    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+        pass
+    os._exit(128 + signal.SIGTERM)
