@@ -66,15 +66,19 @@ def leave_stops_to_the_main_process(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if not hasattr(signal, "sigwaitinfo"):  # macOS cannot tell who sent a signal
         return
+    # A worker forked inside `StopSignals` inherits its handler, which means nothing here.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     # Workers start with one thread; blocking SIGTERM here blocks it in every later thread too,
     # so the waiting thread is the only one that receives it.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     threading.Thread(
-        target=_exit_on_sigterm_from, args=(os.getppid(),), name="sigterm", daemon=True
+        target=_die_of_sigterm_from, args=(os.getppid(),), name="sigterm", daemon=True
     ).start()
 
 
-def _exit_on_sigterm_from(parent: int) -> None:
+def _die_of_sigterm_from(parent: int) -> None:
     while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
         pass
-    os._exit(128 + signal.SIGTERM)
+    # Die of it as an unblocked SIGTERM kills, so the parent sees the exit status it expects.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
