@@ -423,7 +423,7 @@ class Trainer:
             pin_memory=self.ctx.device.type == "cuda",
             drop_last=True,
             persistent_workers=cfg.workers > 0,
-            worker_init_fn=leave_stops_to_the_main_process if cfg.workers > 0 else None,
+            worker_init_fn=leave_stops_to_the_main_process,
             # Its own generator: creating a loader must not draw from the global RNG, whose
             # saved state a resumed run restores (dropout and feature perturbation use it).
             generator=torch.Generator().manual_seed(seed),
@@ -446,7 +446,7 @@ class Trainer:
             batch_size=cfg.eval_batch_size,
             sampler=sampler,
             num_workers=min(cfg.workers, 2),
-            worker_init_fn=leave_stops_to_the_main_process if cfg.workers > 0 else None,
+            worker_init_fn=leave_stops_to_the_main_process,
             generator=torch.Generator().manual_seed(0),
         )
 
